@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup prepare run test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# fetch and convert the assets the defaults need (SmolLM2, essays, HumanEval) into the cache
+prepare: $(STAMP)
+	$(BIN)/python -m experiments.prepare
 
 run: $(STAMP)
 	$(BIN)/python -m experiments.main

@@ -1,0 +1,281 @@
+"""Evaluate a model on tasks x memory policies x budgets.
+
+    python -m experiments.evaluate model=smollm2 task=builtin policy=full
+    python -m experiments.evaluate task=jsonl task.path=FILE.jsonl
+    python -m experiments.evaluate policy=h2o budgets=[256,512] compare=[l2,streamingllm]
+
+Writes to ``output_dir``: ``predictions.jsonl`` (one row per prompt and policy run; a rerun into the
+same directory resumes), ``results.jsonl`` (one row per task, length, policy and budget),
+``results.md``, ``score_vs_kv.png`` and ``summary.json``. Greedy decoding, per-task
+``max_new_tokens``; the headline is printed last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import reporting
+from namm.shards import atomic_write_json
+from experiments.tasks import (TaskError, build_prompts, get_spec, load_task, load_templates, score_prediction)
+
+log = logging.getLogger(__name__)
+
+POLICY_DIR = Path(__file__).resolve().parents[1] / "configs" / "policy"
+
+
+class EvaluateError(ValueError):
+    """A bad evaluation setting (policy name, budgets, output directory)."""
+
+
+def _plain(cfg) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def load_policy_cfg(name: str) -> dict:
+    """``configs/policy/<name>.yaml`` as a dict."""
+    path = POLICY_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in POLICY_DIR.glob("*.yaml")))
+        raise EvaluateError(f"compare lists unknown policy {name!r}; use names from configs/policy: {known}")
+    cfg = _plain(OmegaConf.load(path))
+    cfg.pop("defaults", None)
+    cfg.setdefault("name", name)
+    return cfg
+
+
+def policy_runs(policy_cfg: Mapping, compare: Sequence[str] = (), budgets: Sequence | None = None) -> list[dict]:
+    """Every (policy, budget) to run: the selected policy and each compared one, at each budget.
+
+    ``full`` ignores budgets and runs once; with ``budgets`` null each policy keeps its own budget.
+    """
+    base = [dict(_plain(policy_cfg))] + [load_policy_cfg(str(c)) for c in compare or []]
+    if budgets is not None and not isinstance(budgets, (list, tuple)):
+        raise EvaluateError(f"budgets={budgets!r}; pass a list, e.g. budgets=[256,512] or budgets=[0.25,0.5]")
+    runs, seen = [], set()
+    for p in base:
+        if "name" not in p:
+            raise EvaluateError("a policy config has no 'name'; see configs/policy/*.yaml")
+        for b in ([p.get("budget")] if budgets is None or p["name"] == reporting.FULL else list(budgets)):
+            run = {**p, "budget": None if p["name"] == reporting.FULL else b}
+            label = reporting.policy_label(run["name"], run["budget"])
+            if label not in seen:
+                seen.add(label)
+                runs.append(run)
+    return runs
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(x) for x in src)
+    return sorted(ids)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _limit(rows: list[dict], max_prompts) -> list[dict]:
+    if max_prompts is None:
+        return rows
+    count: dict[tuple, int] = {}
+    out = []
+    for r in rows:
+        key = (r["dataset"], r.get("context_tokens"))
+        if count.get(key, 0) < int(max_prompts):
+            out.append(r)
+            count[key] = count.get(key, 0) + 1
+    return out
+
+
+def _key(task, _id, policy, budget) -> str:
+    return json.dumps([task, str(_id), policy, budget])
+
+
+def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping], out_dir: str | Path, *,
+             chat: bool, max_context: int | None, question_in_compression: bool = True,
+             templates: Mapping[str, str] | None = None, humaneval_timeout: float = 3.0,
+             progress: bool = True) -> list[dict]:
+    """Generate and score every row under every policy run; returns the per-prompt predictions.
+
+    Predictions are appended to ``out_dir/predictions.jsonl`` as they come; rows already there (same
+    task, _id, policy, budget) are reused and rescored, so a killed run resumes.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from namm.torch.generate import greedy_generate
+    from namm.torch.policies import build_policy
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = out_dir / "predictions.jsonl"
+    done = {}
+    if pred_path.exists():
+        for p in reporting.read_jsonl(pred_path):
+            done[_key(p["task"], p["_id"], p["policy"], p.get("budget"))] = p
+    prompts = build_prompts(rows, tokenizer, chat, max_context, templates)
+    eos = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    todo = [(r, pr, run) for r, pr in zip(rows, prompts) for run in runs]
+    n_resumed = sum(_key(r["dataset"], r["_id"], run["name"], run.get("budget")) in done for r, _, run in todo)
+    if n_resumed:
+        log.info("resuming: %d of %d generations already in %s", n_resumed, len(todo), pred_path)
+    policies = {reporting.policy_label(run["name"], run.get("budget")): run for run in runs}
+    preds = []
+    bar = tqdm(total=len(todo), disable=not progress, desc="evaluate", unit="prompt", dynamic_ncols=True,
+               file=sys.stderr)
+    with open(pred_path, "a", encoding="utf-8") as f:
+        for row, prompt, run in todo:
+            key = _key(row["dataset"], row["_id"], run["name"], run.get("budget"))
+            spec = get_spec(row["dataset"])
+            if key in done:  # resumed: rescored with the current metric (HumanEval results are kept)
+                rec = dict(done[key])
+                if spec.metric != "pass_at_1":
+                    rec["score"] = score_prediction(row["dataset"], rec["prediction"], row)
+                preds.append(rec)
+                bar.update(1)
+                continue
+            policy = build_policy(policies[reporting.policy_label(run["name"], run.get("budget"))])
+            ctx = torch.tensor([prompt.context_ids], dtype=torch.long, device=device)
+            q = torch.tensor([prompt.question_ids], dtype=torch.long, device=device) if prompt.question_ids else None
+            t0 = time.perf_counter()
+            out = greedy_generate(model, ctx, q, spec.max_new_tokens, policy=policy, eos_token_ids=eos,
+                                  compress_question=question_in_compression,
+                                  stop_strings=list(spec.stop) or None, tokenizer=tokenizer)
+            gen_s = time.perf_counter() - t0
+            text = _cut_at_stop(tokenizer.decode(out.token_ids, skip_special_tokens=True), spec.stop)
+            score = score_prediction(row["dataset"], text, row, timeout=humaneval_timeout)
+            rec = {"task": row["dataset"], "_id": row["_id"], "length": row.get("context_tokens"),
+                   "policy": run["name"], "budget": run.get("budget"), "prediction": text,
+                   "answers": row["answers"] if spec.metric != "pass_at_1" else [row.get("entry_point")],
+                   "score": score, "kv_fraction_prefill": float(out.kv_fraction_prefill),
+                   "kv_fraction_decode": float(out.kv_fraction_decode), "prompt_tokens": len(prompt),
+                   "truncated": prompt.truncated, "new_tokens": len(out.token_ids), "wall_s": round(gen_s, 3)}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            preds.append(rec)
+            bar.update(1)
+            bar.set_postfix_str(f"{row['dataset']} {reporting.policy_label(run['name'], run.get('budget'))}")
+    bar.close()
+    reporting.write_jsonl(preds, pred_path)  # the finished file, in row order and without duplicates
+    return preds
+
+
+def headline(results: Sequence[Mapping]) -> tuple[str, float, str]:
+    """(name, value, target): the last non-full policy's normalised score, else the full-cache mean."""
+    labels = reporting.columns(results)
+    others = [c for c in labels if c != reporting.FULL]
+    norm = reporting.normalised_scores(results)
+    if others and others[-1] in norm:
+        return f"{others[-1]}_normalised_score", norm[others[-1]], ">= 1.0 (full cache = 1.0)"
+    means = reporting.column_means(results)
+    if reporting.FULL in means:
+        return "full_cache_mean_score", means[reporting.FULL], "none: the full-cache reference (0-100)"
+    return f"{labels[-1]}_mean_score", means[labels[-1]], "the full-cache mean score (run it with compare=[full])"
+
+
+def run(cfg: DictConfig) -> dict:
+    """Load model and tasks from the config, evaluate, write every output file; returns the summary."""
+    import torch
+
+    from experiments.models import load_model_from_cfg
+
+    out_dir = Path(str(cfg.output_dir))
+    t0 = time.time()
+    runs = policy_runs(cfg.policy, list(cfg.get("compare") or []), _plain(cfg.get("budgets")))
+    templates = load_templates(cfg.get("templates"))
+    torch.manual_seed(int(cfg.seed))
+    model, tokenizer = load_model_from_cfg(cfg.model, device=str(cfg.device), cache=cfg.get("cache_dir"))
+    rows = load_task(cfg.task, tokenizer, split=str(cfg.get("split", "test")), cache_dir=cfg.get("cache_dir"))
+    rows = _limit(rows, cfg.get("max_prompts"))
+    if not rows:
+        raise TaskError(f"task {cfg.task.name!r} has no prompts in split={cfg.get('split')}; use split=all")
+    log.info("%d prompts x %d policy runs", len(rows), len(runs))
+    preds = evaluate(model, tokenizer, rows, runs, out_dir, chat=bool(cfg.model.get("chat", False)),
+                     max_context=cfg.model.get("max_context"),
+                     question_in_compression=bool(cfg.get("question_in_compression", True)),
+                     templates=templates, humaneval_timeout=float(cfg.get("humaneval_timeout", 3.0)),
+                     progress=bool(cfg.get("progress", True)))
+    results = reporting.aggregate(preds)
+    paths = reporting.write_results(results, out_dir)
+    name, value, target = headline(results)
+    summary = {"headline": {"name": name, "value": value, "target": target},
+               "mean_score": reporting.column_means(results), "normalised_score": reporting.normalised_scores(results),
+               "kv_fraction": reporting.column_means(results, "kv_fraction"), "n_prompts": len(rows),
+               "model": cfg.model.get("name"), "task": cfg.task.get("name"), "split": cfg.get("split"),
+               "question_in_compression": bool(cfg.get("question_in_compression", True)),
+               "wall_s": round(time.time() - t0, 1), "files": {k: str(v) for k, v in paths.items()}}
+    atomic_write_json(out_dir / "summary.json", summary)
+    _track(cfg, results, summary, out_dir)
+    if cfg.get("progress", True):
+        reporting.print_table(results)
+    print(f"{name}: {value} (target: {target})")
+    return summary
+
+
+def _track(cfg, results, summary, out_dir: Path) -> None:
+    from experiments.tracking import Tracker
+
+    logging_cfg = cfg.get("logging") or {}
+    tracker = Tracker(out_dir, config=_plain(cfg), mode=str(logging_cfg.get("wandb_mode", "offline")),
+                      project=str(logging_cfg.get("project", "namm-spec")),
+                      metrics_file=str(logging_cfg.get("metrics_file", "metrics.jsonl")))
+    for r in results:
+        tag = f"{reporting.task_label(r['task'], r['length'])}/{reporting.policy_label(r['policy'], r['budget'])}"
+        tracker.log({f"score/{tag}": r["score"], f"kv_fraction/{tag}": r["kv_fraction"]})
+    tracker.log({f"mean_score/{k}": v for k, v in summary["mean_score"].items()})
+    tracker.close()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [TaskError, EvaluateError]
+    for mod, name in (("experiments.models", "ModelSpecError"), ("experiments.assets", "AssetError"),
+                      ("namm.torch.policies", "PolicyConfigError")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def run_or_exit(cfg: DictConfig) -> float:
+    """``run``, with bad input reported as one line and exit status 1 instead of a traceback."""
+    try:
+        return run(cfg)["headline"]["value"]
+    except _user_errors() as e:
+        raise SystemExit(f"evaluate: {e}") from None
+
+
+@hydra.main(config_path="../configs", config_name="evaluate", version_base=None)
+def main(cfg: DictConfig) -> float:
+    return run_or_exit(cfg)
+
+
+def check_group_choices(argv: Sequence[str], groups: Sequence[str] = ("model", "task", "policy")) -> None:
+    """Exit with one line when a command-line override names a config that does not exist
+    (Hydra's own message for that spans a dozen lines)."""
+    root = POLICY_DIR.parent
+    for arg in argv:
+        m = re.fullmatch(r"({})=([^,\[\]]+)".format("|".join(groups)), arg)
+        if m and not (root / m.group(1) / f"{m.group(2)}.yaml").is_file():
+            known = ", ".join(sorted(p.stem for p in (root / m.group(1)).glob("*.yaml")))
+            raise SystemExit(f"evaluate: unknown {m.group(1)} {m.group(2)!r}; use one of: {known}")
+
+
+if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
+    main()

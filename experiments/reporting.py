@@ -1,0 +1,213 @@
+"""Results tables and plots shared by the evaluation scripts.
+
+    results = aggregate(predictions)                 # one row per (task, length, policy, budget)
+    write_results(results, out_dir)                  # results.jsonl, results.md, score_vs_kv.png
+    print_table(results)                             # rich table on stdout
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from namm.shards import atomic_write_bytes
+
+FULL = "full"
+
+
+def policy_label(policy: str, budget) -> str:
+    """Column name of a policy run: ``full`` or ``name@budget``."""
+    return policy if budget is None else f"{policy}@{budget}"
+
+
+def task_label(task: str, length) -> str:
+    """Row name of a task: ``task@1024`` for generated lengths, else the task name."""
+    return task if length is None else f"{task}@{length}"
+
+
+def aggregate(predictions: Iterable[Mapping]) -> list[dict]:
+    """Per-prompt rows -> one row per (task, length, policy, budget): score = 100 x mean in [0, 100]."""
+    groups: dict[tuple, list[Mapping]] = defaultdict(list)
+    for p in predictions:
+        groups[(p["task"], p.get("length"), p["policy"], p.get("budget"))].append(p)
+    out = []
+    for (task, length, policy, budget), ps in groups.items():
+        n = len(ps)
+        out.append({
+            "task": task, "length": length, "policy": policy, "budget": budget,
+            "score": round(100 * sum(float(p["score"]) for p in ps) / n, 2),
+            "kv_fraction": round(sum(float(p["kv_fraction_prefill"]) for p in ps) / n, 4),
+            "kv_fraction_decode": round(sum(float(p["kv_fraction_decode"]) for p in ps) / n, 4),
+            "n": n,
+            "prompt_tokens": round(sum(int(p["prompt_tokens"]) for p in ps) / n, 1),
+            "truncated": sum(bool(p.get("truncated")) for p in ps),
+            "wall_s": round(sum(float(p["wall_s"]) for p in ps), 2),
+        })
+    return sorted(out, key=_order)
+
+
+def _order(r: Mapping):
+    return (r["task"], -1 if r.get("length") is None else r["length"], r["policy"] != FULL, r["policy"],
+            -math.inf if r.get("budget") is None else _num(r["budget"]))
+
+
+def _num(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def columns(results: Sequence[Mapping]) -> list[str]:
+    seen: list[str] = []
+    for r in results:
+        label = policy_label(r["policy"], r.get("budget"))
+        if label not in seen:
+            seen.append(label)
+    return sorted(seen, key=lambda c: (c != FULL, c))
+
+
+def pivot(results: Sequence[Mapping], key: str = "score") -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    """(row labels, column labels, {(row, col): value}) with tasks as rows and policy@budget as columns."""
+    rows: list[str] = []
+    cells = {}
+    for r in results:
+        t = task_label(r["task"], r.get("length"))
+        if t not in rows:
+            rows.append(t)
+        cells[(t, policy_label(r["policy"], r.get("budget")))] = r[key]
+    return rows, columns(results), cells
+
+
+def column_means(results: Sequence[Mapping], key: str = "score") -> dict[str, float]:
+    """Mean over task rows of each column (unweighted, as LongBench averages tasks)."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        acc[policy_label(r["policy"], r.get("budget"))].append(float(r[key]))
+    return {c: round(sum(v) / len(v), 2) for c, v in acc.items()}
+
+
+def normalised_scores(results: Sequence[Mapping]) -> dict[str, float]:
+    """Per column, the mean over tasks of score / full-cache score (the paper's normalised score).
+
+    Task rows whose full-cache score is 0 are left out.
+    """
+    full = {(r["task"], r.get("length")): float(r["score"]) for r in results if r["policy"] == FULL}
+    acc: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        ref = full.get((r["task"], r.get("length")))
+        if ref:
+            acc[policy_label(r["policy"], r.get("budget"))].append(float(r["score"]) / ref)
+    return {c: round(sum(v) / len(v), 4) for c, v in acc.items() if v}
+
+
+def markdown_table(results: Sequence[Mapping]) -> str:
+    """Scores (0-100) with tasks as rows and policy@budget as columns, a mean row and a KV row."""
+    rows, cols, cells = pivot(results)
+    _, _, kv = pivot(results, "kv_fraction")
+    _, _, ns = pivot(results, "n")
+    lines = ["| task | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for t in rows:
+        n = max((ns.get((t, c)) or 0) for c in cols)
+        vals = [f"{cells[(t, c)]:.2f}" if (t, c) in cells else "-" for c in cols]
+        lines.append(f"| {t} | {n} | " + " | ".join(vals) + " |")
+    means = column_means(results)
+    kvm = column_means(results, "kv_fraction")
+    lines.append("| **mean** | | " + " | ".join(f"**{means[c]:.2f}**" for c in cols) + " |")
+    lines.append("| kv fraction | | " + " | ".join(f"{kvm[c]:.3f}" for c in cols) + " |")
+    norm = normalised_scores(results)
+    if norm and any(c != FULL for c in cols):
+        lines.append("| normalised | | " + " | ".join(f"{norm[c]:.3f}" if c in norm else "-" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(results: Sequence[Mapping], title: str = "score (0-100)") -> None:
+    """The results table on stdout with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows, cols, cells = pivot(results)
+    table = Table(title=title)
+    table.add_column("task")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for t in rows:
+        table.add_row(t, *[f"{cells[(t, c)]:.2f}" if (t, c) in cells else "-" for c in cols])
+    means, kvm = column_means(results), column_means(results, "kv_fraction")
+    table.add_row("mean", *[f"{means[c]:.2f}" for c in cols], style="bold")
+    table.add_row("kv fraction", *[f"{kvm[c]:.3f}" for c in cols])
+    Console(width=max(100, 20 + 14 * len(cols))).print(table)
+
+
+def plot_score_vs_kv(results: Sequence[Mapping], path: str | Path) -> Path:
+    """One panel per task: score against kv_fraction, one line per policy (its budgets joined)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = []
+    for r in results:
+        t = task_label(r["task"], r.get("length"))
+        if t not in tasks:
+            tasks.append(t)
+    ncol = min(4, len(tasks)) or 1
+    nrow = math.ceil(len(tasks) / ncol) or 1
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.0 * nrow), squeeze=False)
+    for ax, t in zip(axes.flat, tasks):
+        by_policy: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for r in results:
+            if task_label(r["task"], r.get("length")) == t:
+                by_policy[r["policy"]].append((float(r["kv_fraction"]), float(r["score"])))
+        for policy, pts in sorted(by_policy.items()):
+            pts.sort()
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)[0]
+            if policy == FULL:  # the reference level every budget is compared with
+                ax.axhline(pts[-1][1], color=line.get_color(), linestyle="--", linewidth=0.8)
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("kv fraction")
+        ax.set_ylabel("score")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_jsonl(rows: Iterable[Mapping], path: str | Path) -> Path:
+    path = Path(path)
+    atomic_write_bytes(path, "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows).encode())
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (a killed run) is skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def write_results(results: Sequence[Mapping], out_dir: str | Path) -> dict[str, Path]:
+    """results.jsonl, results.md and score_vs_kv.png in ``out_dir``."""
+    out = Path(out_dir)
+    paths = {"results": write_jsonl(results, out / "results.jsonl")}
+    paths["table"] = out / "results.md"
+    atomic_write_bytes(paths["table"], markdown_table(results).encode())
+    if results:
+        paths["plot"] = plot_score_vs_kv(results, out / "score_vs_kv.png")
+    return paths

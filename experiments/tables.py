@@ -1,0 +1,194 @@
+"""The NAMM paper's LongBench table layout, regenerated from results files.
+
+    python -m experiments.tables outputs/.../results.jsonl [more.jsonl ...] [--reference llama3_8b_32k_full_cache]
+                                 [--by-length] [--out DIR]
+
+Rows are methods (``full``, ``h2o@0.25``, ``namm``, ...); columns are the LongBench categories
+(Single-Doc QA, Multi-Doc QA, Summarization, Few-shot, Synthetic, Code) as means over their tasks,
+the overall mean over tasks (the paper's convention: 28.86 for full-cache Llama-3-8B), the
+normalised score (mean over tasks of score / full-cache score on the same task, as in the paper's
+fitness), and the kept cache (mean kv_fraction, % of the full cache). A second table gives every
+task. Markdown and LaTeX are written to ``tables.md`` / ``tables.tex``.
+
+Scores of the same task at several context lengths are averaged, weighted by prompt count, unless
+``--by-length`` keeps each length as its own task (``passkey@1024``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from experiments.reporting import FULL, policy_label
+from experiments.tasks.registry import REGISTRY
+
+CATEGORIES = ("Single-Doc QA", "Multi-Doc QA", "Summarization", "Few-shot", "Synthetic", "Code")
+REFERENCE_FILE = Path(__file__).with_name("reference_scores.json")
+
+
+class TablesError(ValueError):
+    """Results that cannot be tabulated (missing file, bad row)."""
+
+
+def read_results(paths: Iterable[str | Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "results.jsonl"
+        if not path.exists():
+            raise TablesError(f"no results file at {path}; run `python -m experiments.evaluate` first")
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TablesError(f"{path}:{i} is not JSON ({e})") from None
+            missing = {"task", "policy", "score"} - set(row)
+            if missing:
+                raise TablesError(f"{path}:{i} lacks {sorted(missing)}; is this a results.jsonl file?")
+            rows.append(row)
+    return rows
+
+
+def reference_rows(name: str) -> list[dict]:
+    refs = json.loads(REFERENCE_FILE.read_text())
+    if name not in refs:
+        raise TablesError(f"unknown reference {name!r}; known: {sorted(refs)}")
+    ref = refs[name]
+    if "scores" not in ref:
+        raise TablesError(f"reference {name!r} has no per-task scores")
+    return [{"task": t, "policy": f"{ref['policy']} (reference)", "budget": None, "score": s,
+             "kv_fraction": 1.0 if ref["policy"] == FULL else None, "n": 1} for t, s in ref["scores"].items()]
+
+
+def per_task(rows: Sequence[Mapping], by_length: bool = False) -> dict[str, dict[str, dict]]:
+    """{method: {task: {"score", "kv_fraction", "n"}}}, lengths merged (weighted by n) unless by_length."""
+    acc: dict[tuple[str, str], list[Mapping]] = defaultdict(list)
+    for r in rows:
+        task = r["task"] if not (by_length and r.get("length") is not None) else f"{r['task']}@{r['length']}"
+        acc[(policy_label(r["policy"], r.get("budget")), task)].append(r)
+    out: dict[str, dict[str, dict]] = defaultdict(dict)
+    for (method, task), rs in acc.items():
+        n = sum(int(r.get("n") or 1) for r in rs)
+        kv = [r.get("kv_fraction") for r in rs]
+        out[method][task] = {
+            "score": sum(float(r["score"]) * int(r.get("n") or 1) for r in rs) / n,
+            "kv_fraction": (sum(float(k) * int(r.get("n") or 1) for k, r in zip(kv, rs)) / n
+                            if all(k is not None for k in kv) else None),
+            "n": n,
+        }
+    return dict(out)
+
+
+def _category(task: str) -> str:
+    spec = REGISTRY.get(task.split("@")[0])
+    return spec.category if spec else "Other"
+
+
+def summarise(tasks_by_method: Mapping[str, Mapping[str, dict]], full: str = FULL) -> dict[str, dict]:
+    """Per method: category means, overall mean over tasks, normalised score, mean kv fraction."""
+    full_scores = {t: v["score"] for t, v in tasks_by_method.get(full, {}).items()}
+    out = {}
+    for method, tasks in tasks_by_method.items():
+        cats: dict[str, list[float]] = defaultdict(list)
+        for t, v in tasks.items():
+            cats[_category(t)].append(v["score"])
+        ratios = [v["score"] / full_scores[t] for t, v in tasks.items() if full_scores.get(t)]
+        kvs = [v["kv_fraction"] for v in tasks.values() if v["kv_fraction"] is not None]
+        out[method] = {
+            "categories": {c: sum(s) / len(s) for c, s in cats.items()},
+            "overall": sum(v["score"] for v in tasks.values()) / len(tasks),
+            "normalized": sum(ratios) / len(ratios) if ratios else None,
+            "kv_percent": 100 * sum(kvs) / len(kvs) if kvs else None,
+            "n_tasks": len(tasks),
+        }
+    return out
+
+
+def _fmt(x, digits=2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _method_order(methods: Iterable[str]) -> list[str]:
+    return sorted(methods, key=lambda m: (m != FULL, "reference" not in m, m))
+
+
+def layout(tasks_by_method: Mapping[str, Mapping[str, dict]]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """(summary header, summary rows, per-task header, per-task rows) as strings."""
+    summary = summarise(tasks_by_method)
+    cats = [c for c in CATEGORIES if any(c in s["categories"] for s in summary.values())]
+    cats += sorted({c for s in summary.values() for c in s["categories"]} - set(cats))
+    methods = _method_order(tasks_by_method)
+    head = ["Method", *cats, "Overall", "Normalised", "KV cache %"]
+    body = [[m, *[_fmt(summary[m]["categories"].get(c)) for c in cats], _fmt(summary[m]["overall"]),
+             _fmt(summary[m]["normalized"]), _fmt(summary[m]["kv_percent"], 1)] for m in methods]
+    tasks = sorted({t for ts in tasks_by_method.values() for t in ts},
+                   key=lambda t: (CATEGORIES.index(_category(t)) if _category(t) in CATEGORIES else 99, t))
+    thead = ["Method", *tasks]
+    tbody = [[m, *[_fmt(tasks_by_method[m].get(t, {}).get("score")) for t in tasks]] for m in methods]
+    return head, body, thead, tbody
+
+
+def markdown(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def latex(head: Sequence[str], body: Sequence[Sequence[str]], caption: str) -> str:
+    esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("@", r"{@}")  # noqa: E731
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule",
+             " & ".join(esc(h) for h in head) + r" \\", r"\midrule"]
+    lines += [" & ".join(esc(c) for c in r) + r" \\" for r in body]
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(caption)}}}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+def headline(summary: Mapping[str, dict]) -> str:
+    namm = [m for m in summary if m.split("@")[0] == "namm"]
+    others = [m for m in summary if m != FULL and "reference" not in m]
+    pick = namm[0] if namm else (max(others, key=lambda m: summary[m]["normalized"] or 0) if others else FULL)
+    norm = summary[pick]["normalized"]
+    return f"{pick}_normalized_overall: {_fmt(norm, 3)} (target: >= 1.0 at <= 50% KV; paper: 1.11 for NAMM on Llama-3-8B)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.tables", description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+", help="results.jsonl files or run directories")
+    ap.add_argument("--reference", default=None, help="add a published row from experiments/reference_scores.json")
+    ap.add_argument("--by-length", action="store_true", help="keep each context length as its own task")
+    ap.add_argument("--out", default=None, help="directory for tables.md / tables.tex (default: next to the first file)")
+    args = ap.parse_args(argv)
+    try:
+        rows = read_results(args.results)
+        if args.reference:
+            rows += reference_rows(args.reference)
+    except TablesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tasks_by_method = per_task(rows, by_length=args.by_length)
+    head, body, thead, tbody = layout(tasks_by_method)
+    out = Path(args.out) if args.out else Path(args.results[0]).resolve().parent if Path(args.results[0]).is_file() \
+        else Path(args.results[0])
+    out.mkdir(parents=True, exist_ok=True)
+    md = f"## Summary\n\n{markdown(head, body)}\n\n## Per task\n\n{markdown(thead, tbody)}\n"
+    tex = latex(head, body, "Scores per category, overall mean over tasks, normalised score against the full "
+                "cache and kept cache.") + "\n\n" + latex(thead, tbody, "Scores per task.") + "\n"
+    (out / "tables.md").write_text(md)
+    (out / "tables.tex").write_text(tex)
+    summary = summarise(tasks_by_method)
+    (out / "tables.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    print(md)
+    print(f"wrote {out / 'tables.md'}, {out / 'tables.tex'}, {out / 'tables.json'}")
+    print(headline(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Evolve a NAMM with CMA-ES: one stage of an incremental schedule.
+
+    python -m experiments.train_namm                        # built-in suite, stage 1 (stats fitness)
+    python -m experiments.train_namm run=builtin_i2         # resumes stage 1's best ES state
+    python -m experiments.train_namm run=builtin_i3         # continues with the task fitness
+    python -m experiments.train_namm run=namm_i1 model=llama3_8b device=cuda   # the paper's LongBench i1
+    python -m experiments.train_namm -m hydra/launcher=submitit_slurm seed=0,1,2
+
+Writes ``<runs_root>/<run.name>/``: ``evolution/{latest,best}.npz`` (full ES state, resumable),
+``evolution/norm_stats.json`` (frozen feature normalisation, inherited by later stages),
+``metrics.jsonl`` (+ wandb), ``namm_policy/`` (the exported best mean) and ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _plain(x: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
+
+
+def namm_config(cfg):
+    from namm.config import NAMMConfig
+
+    return NAMMConfig.from_dict(_plain(cfg.get("namm")) or {})
+
+
+def evolution_config(cfg):
+    from namm.evolve import EvolutionConfig
+
+    e = dict(_plain(cfg.evolution))
+    e.pop("name", None)
+    return EvolutionConfig(**e)
+
+
+def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, held-out) item indices; held-out is empty for fraction 0 or n < 2."""
+    k = int(round(n * fraction)) if n >= 2 else 0
+    perm = np.random.default_rng([seed, 17]).permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def _save_norm(path: Path, norm) -> None:
+    from namm.shards import atomic_write_json
+
+    mean, var = (np.asarray(x, np.float64).tolist() for x in norm)
+    atomic_write_json(path, {"mean": mean, "var": var})
+
+
+def _load_norm(path: Path):
+    d = json.loads(Path(path).read_text())
+    return np.asarray(d["mean"], np.float32), np.asarray(d["var"], np.float32)
+
+
+def train(cfg) -> dict:
+    """Run (or resume) the stage ``cfg.run``; returns the summary written to ``train_summary.json``."""
+    import torch
+
+    from experiments.extract import extract
+    from experiments.models import load_model_from_cfg, model_signature
+    from experiments.tasks import load_task
+    from experiments.tracking import Tracker
+    from namm import stats as kvstats
+    from namm.evolve import evolve, maybe_initialize_distributed, solution
+    from namm.fitness import FitnessError, StatsFitness, StatsFitnessConfig, load_stats_data
+    from namm.scoring import num_params
+    from namm.shards import atomic_write_json
+
+    t0 = time.time()
+    maybe_initialize_distributed(bool(cfg.get("distributed", False)))
+    out_dir = Path(str(cfg.output_dir))
+    ckpt_dir = out_dir / "evolution"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    namm_cfg = namm_config(cfg)
+    es_cfg = evolution_config(cfg)
+    fit_cfg = dict(_plain(cfg.fitness))
+    fit_name = fit_cfg.pop("name", None)
+    if fit_name not in ("stats", "task"):
+        raise FitnessError(f"fitness={fit_name!r}; use fitness=stats or fitness=task")
+    init_from = cfg.run.get("init_from")
+    if init_from and not Path(str(init_from)).exists() and not (ckpt_dir / "latest.npz").exists():
+        raise FitnessError(f"run.init_from={init_from} does not exist; run the previous stage first "
+                           f"(python -m experiments.train_namm run=<previous stage>)")
+    torch.manual_seed(int(cfg.seed))
+    model, tokenizer = load_model_from_cfg(cfg.model, device=str(cfg.device), cache=cfg.get("cache_dir"))
+    sig = model_signature(model)
+    rows = load_task(cfg.task, tokenizer, split=str(cfg.get("split", "train")), cache_dir=cfg.get("cache_dir"))
+    if not rows:
+        raise FitnessError(f"task {cfg.task.get('name')!r} has no prompts in split={cfg.get('split')}")
+    chat, max_context = bool(cfg.model.get("chat", False)), cfg.model.get("max_context")
+    train_idx, held_idx = split_heldout(len(rows), float(cfg.get("heldout_fraction", 0.25)), int(cfg.seed))
+    norm_path = ckpt_dir / "norm_stats.json"
+    inherited = Path(str(init_from)).parent / "norm_stats.json" if init_from else None
+    if not norm_path.exists() and inherited is not None and inherited.exists():
+        _save_norm(norm_path, _load_norm(inherited))       # frozen from the first stage (reference 2.4)
+    norm = _load_norm(norm_path) if norm_path.exists() else None
+
+    if fit_name == "stats":
+        summary_x = extract(model, tokenizer, rows, str(cfg.stats_dir), layers=_plain(cfg.get("extract_layers")),
+                            chat=chat, max_context=max_context,
+                            compress_question=bool(cfg.get("question_in_compression", True)),
+                            progress=bool(cfg.get("progress", True)), model_name=str(cfg.model.get("name")))
+        log.info("kv stats: %s prompts, %.0f bytes per prompt per 1K tokens", summary_x["prompts"],
+                 summary_x["bytes_per_prompt_per_1k_tokens"])
+        names = [kvstats.shard_name(r["dataset"], str(r["_id"])) for r in rows]
+        prompts = kvstats.load_prompts(str(cfg.stats_dir), names)
+        s_cfg = StatsFitnessConfig.from_mapping(fit_cfg)
+        train_fit = StatsFitness(load_stats_data([prompts[i] for i in train_idx], namm_cfg, s_cfg), namm_cfg, s_cfg,
+                                 norm=None if norm is None else _norm_params(norm))
+        if norm is None:
+            norm = tuple(np.asarray(x) for x in train_fit.norm)
+            _save_norm(norm_path, norm)
+        eval_fit = (StatsFitness(load_stats_data([prompts[i] for i in held_idx], namm_cfg, s_cfg), namm_cfg, s_cfg,
+                                 norm=train_fit.norm) if len(held_idx) else None)
+    else:
+        from experiments.task_fitness import TaskFitness
+
+        if norm is None:
+            from experiments.tasks import build_prompts
+            from namm.torch.policy import calibrate_norm_stats
+
+            ps = build_prompts([rows[i] for i in train_idx], tokenizer, chat, max_context)
+            norm = tuple(x.numpy() for x in calibrate_norm_stats(
+                model, [torch.tensor([p.ids]) for p in ps], namm_cfg, progress=bool(cfg.get("progress", True))))
+            _save_norm(norm_path, norm)
+        ref = _stats_references(str(cfg.stats_dir), rows)
+        common = dict(chat=chat, max_context=max_context, compress_question=bool(fit_cfg.get("compress_question", True)),
+                      reference=ref, reference_path=out_dir / "full_cache_scores.json",
+                      max_new_tokens=fit_cfg.get("max_new_tokens"))
+        train_fit = TaskFitness(model, tokenizer, [rows[i] for i in train_idx], namm_cfg, norm, **common)
+        eval_fit = TaskFitness(model, tokenizer, [rows[i] for i in held_idx], namm_cfg, norm,
+                               **common) if len(held_idx) else None
+
+    logging_cfg = cfg.get("logging") or {}
+    tracker = Tracker(out_dir, config=_plain(cfg), mode=str(logging_cfg.get("wandb_mode", "offline")),
+                      project=str(logging_cfg.get("project", "namm-spec")), name=str(cfg.run.name),
+                      metrics_file=str(logging_cfg.get("metrics_file", "metrics.jsonl")))
+
+    def on_generation(metrics: dict, gen: int) -> None:
+        extra = {f"fitness/{k}_mean": float(np.mean(v)) for k, v in getattr(train_fit, "last_details", {}).items()}
+        tracker.log({**metrics, **extra, "stage": str(cfg.run.name)}, step=gen)
+
+    fingerprint = {"fitness": fit_name, "fitness_cfg": fit_cfg, "namm": namm_cfg.to_dict(), "model": sig,
+                   "items": [f"{rows[i]['dataset']}/{rows[i]['_id']}" for i in train_idx]}
+    try:
+        result = evolve(train_fit, num_params(namm_cfg), es_cfg, ckpt_dir, eval_fitness=eval_fit,
+                        init_from=str(init_from) if init_from else None, fingerprint=fingerprint,
+                        callback=on_generation, progress=bool(cfg.get("progress", True)))
+    finally:
+        tracker.close()
+    best_path = ckpt_dir / "best.npz"
+    solution_mean = solution(best_path) if best_path.exists() else result.mean
+    export_dir = None
+    if cfg.get("export", True):
+        from namm.export import save_pretrained
+
+        base = {"name": str(cfg.model.get("name")), **{k: sig[k] for k in ("num_layers", "num_kv_heads",
+                                                                           "num_q_heads", "head_dim")}}
+        export_dir = save_pretrained(out_dir / "namm_policy", np.asarray(solution_mean, np.float32), namm_cfg,
+                                     norm, base)
+    hist = result.history
+    summary = {"stage": str(cfg.run.name), "fitness": fit_name, "generation": result.generation,
+               "best_heldout_fitness": None if not np.isfinite(result.best_eval) else result.best_eval,
+               "last_train_fitness_mean": hist[-1]["fitness/mean"] if hist else None,
+               "last_train_fitness_best": hist[-1]["fitness/best"] if hist else None,
+               "train_prompts": len(train_idx), "heldout_prompts": len(held_idx),
+               "num_params": num_params(namm_cfg), "ckpt_dir": str(ckpt_dir),
+               "export_dir": str(export_dir) if export_dir else None, "wall_s": round(time.time() - t0, 1)}
+    atomic_write_json(out_dir / "train_summary.json", summary)
+    value = summary["best_heldout_fitness"]
+    if value is None:
+        value = summary["last_train_fitness_mean"]
+    print(f"{fit_name}_fitness_of_mean: {value} (target: > full cache's; stats: 1 - error - budget term, "
+          f"task: 1.0 = full-cache parity)")
+    return summary
+
+
+def _norm_params(norm):
+    import jax.numpy as jnp
+
+    from namm.features import NormParams
+
+    return NormParams(jnp.asarray(norm[0], jnp.float32), jnp.asarray(norm[1], jnp.float32))
+
+
+def _stats_references(stats_dir: str, rows) -> dict[str, float]:
+    """Full-cache scores recorded at extraction, keyed ``task/_id`` (empty if there is no store)."""
+    from namm import stats as kvstats
+    from namm.shards import ShardError
+
+    try:
+        store = kvstats.open_store(stats_dir)
+    except ShardError:
+        return {}
+    want = {kvstats.shard_name(r["dataset"], str(r["_id"])): f"{r['dataset']}/{r['_id']}" for r in rows}
+    return {want[n]: float(store.manifest["shards"][n]["meta"]["score"]) for n in store.names() if n in want}
+
+
+def _main():
+    import hydra
+
+    from experiments.extract import ExtractError
+    from namm.evolve import EvolutionError
+    from namm.fitness import FitnessError
+    from namm.shards import ShardError
+
+    @hydra.main(config_path="../configs", config_name="train_namm", version_base=None)
+    def main(cfg):
+        try:
+            train(cfg)
+        except (EvolutionError, FitnessError, ShardError, ExtractError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()

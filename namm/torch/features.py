@@ -1,0 +1,202 @@
+"""NAMM token features in PyTorch, mirroring ``namm.features`` (reference sections 2.1-2.5).
+
+Shapes: H = KV heads, n = new queries since the last update, N = cached tokens, T = n / hop frames,
+S = spectrogram bins (n_fft//2 + 1 = 17), F = age_dim + S = 25. Leading batch axes are allowed.
+All maths in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from namm.config import FeatureConfig, NAMMConfig
+
+
+def _fcfg(cfg) -> FeatureConfig:
+    return cfg.features if isinstance(cfg, NAMMConfig) else cfg
+
+
+def gqa_average(attn: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[..., Hq, n, N] -> [..., Hkv, n, N]``: mean over each GQA group (query head h -> KV head h // G)."""
+    hq = attn.shape[-3]
+    if hq % num_kv_heads:
+        raise ValueError(f"gqa_average: {hq} query heads are not a multiple of num_kv_heads={num_kv_heads}")
+    g = hq // num_kv_heads
+    return attn.float().reshape(*attn.shape[:-3], num_kv_heads, g, *attn.shape[-2:]).mean(dim=-3)
+
+
+def window(cfg, device=None) -> torch.Tensor:
+    """``[n_fft]`` analysis window; periodic Hann = ``torch.hann_window(n_fft, periodic=True)``."""
+    c = _fcfg(cfg)
+    if c.window == "hann_periodic":
+        return torch.hann_window(c.n_fft, periodic=True, dtype=torch.float64, device=device).float()
+    if c.window == "hann_symmetric":
+        return torch.hann_window(c.n_fft, periodic=False, dtype=torch.float64, device=device).float()
+    return torch.ones(c.n_fft, device=device)
+
+
+def _spectrogram(series: torch.Tensor, c: FeatureConfig) -> torch.Tensor:
+    """``[..., N, L] -> [..., N, T, S]``: explicit framing, window, rfft, magnitudes (or [Re | Im])."""
+    length = series.shape[-1]
+    if length < c.n_fft or (length - c.n_fft) % c.hop:
+        raise ValueError(
+            f"STFT: series length {length} must be n_fft + k*hop (n_fft={c.n_fft}, hop={c.hop}); "
+            "n_new must be a multiple of hop"
+        )
+    frames = series.float().unfold(-1, c.n_fft, c.hop)  # [..., N, T, n_fft]: frame t = series[t*hop : t*hop+n_fft]
+    z = torch.fft.rfft(frames * window(c, series.device), dim=-1)  # [..., N, T, bins] complex
+    if c.output == "real_imag":
+        return torch.cat([z.real, z.imag], dim=-1)
+    zr = torch.view_as_real(z)
+    return torch.sqrt(zr[..., 0] * zr[..., 0] + zr[..., 1] * zr[..., 1])  # |X|
+
+
+def stft_magnitudes(series: torch.Tensor, cfg) -> torch.Tensor:
+    """series ``[..., N, n_new + n_fft - hop]`` (left context first) -> ``[..., T, N, S]`` (T = n_new / hop)."""
+    return _spectrogram(series, _fcfg(cfg)).movedim(-2, -3)
+
+
+def ema_weights(num_frames: int, cfg, device=None) -> torch.Tensor:
+    """``[T]``: (1 - beta) beta^(T-1-t), beta = gamma^hop."""
+    c = _fcfg(cfg)
+    beta = float(c.ema_coeff) ** c.hop
+    t = torch.arange(num_frames, dtype=torch.float64, device=device)
+    return ((1.0 - beta) * beta ** (num_frames - 1 - t)).float()
+
+
+def frame_mask(is_new: torch.Tensor, new_index: torch.Tensor, num_frames: int, cfg) -> torch.Tensor:
+    """``[..., N, T]``: 1 for old keys; for a new key j (index in the new block), 1 iff j // hop <= t."""
+    c = _fcfg(cfg)
+    t = torch.arange(num_frames, device=is_new.device)
+    block = torch.div(new_index, c.hop, rounding_mode="floor")[..., None]
+    return torch.where(is_new[..., None], t >= block, torch.ones_like(t, dtype=torch.bool))
+
+
+def _ema_from_nts(spec_nts, ema_old, is_new, new_index, c: FeatureConfig) -> torch.Tensor:
+    num_frames = spec_nts.shape[-2]
+    w = ema_weights(num_frames, c, spec_nts.device)  # [T]
+    m = frame_mask(is_new, new_index, num_frames, c).float()  # [..., N, T]
+    decay = float(c.ema_coeff) ** (num_frames * c.hop)  # gamma^n_new
+    fresh = torch.einsum("...nt,...nts->...ns", m * w, spec_nts)
+    # E_k = gamma^n_new E_old_k [k old] + sum_t (1 - beta) beta^(T-1-t) m_tk S_tk
+    return torch.where(is_new[..., None], torch.zeros_like(fresh), decay * ema_old.float()) + fresh
+
+
+def ema_reduce(spec, ema_old, is_new, new_index, cfg) -> torch.Tensor:
+    """spec ``[..., T, N, S]``, ema_old ``[..., N, S]``, is_new/new_index ``[..., N]`` -> ``[..., N, S]``."""
+    return _ema_from_nts(spec.movedim(-3, -2), ema_old, is_new, new_index, _fcfg(cfg))
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """x <- (x - mean) / max(sqrt(var), eps), per feature."""
+    return (x - mean) / torch.clamp(torch.sqrt(var), min=eps)
+
+
+def age_frequencies(cfg, device=None) -> torch.Tensor:
+    """``[age_dim/2]``: f_i = max_freq^(-i / (age_dim/2))."""
+    c = _fcfg(cfg)
+    half = c.age_dim // 2
+    i = torch.arange(half, dtype=torch.float64, device=device)
+    return (float(c.age_max_freq) ** (-i / half)).float()
+
+
+_AGE_TABLES: dict = {}
+
+
+def age_table(cfg, device=None) -> torch.Tensor:
+    """``[max_age + 1, age_dim]`` lookup table of the age embedding, computed in float64 (as the reference's table)."""
+    c = _fcfg(cfg)
+    key = (c.age_dim, c.age_max_freq, c.max_age, str(device))
+    if key not in _AGE_TABLES:
+        half = c.age_dim // 2
+        f = float(c.age_max_freq) ** (-torch.arange(half, dtype=torch.float64) / half)
+        arg = torch.arange(c.max_age + 1, dtype=torch.float64)[:, None] * f
+        _AGE_TABLES[key] = torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1).float().to(device)
+    return _AGE_TABLES[key]
+
+
+def age_embedding(recency: torch.Tensor, cfg) -> torch.Tensor:
+    """``[...] -> [..., age_dim]``: [sin(r f_i), cos(r f_i)], f_i = max_freq^(-i/(d/2)), r = clip(recency, 0, max_age).
+
+    Read from a float64-built table, so large ages keep full float32 accuracy; newest token r = 0.
+    """
+    c = _fcfg(cfg)
+    r = torch.clamp(recency.long(), 0, c.max_age)
+    return age_table(c, recency.device)[r]
+
+
+def token_features(rows, left_context, ema_old, is_new, recency, norm, cfg):
+    """One update's features, as ``namm.features.token_features``.
+
+    rows ``[..., H, n, N]`` (GQA-averaged), left_context ``[..., H, N, n_fft - hop]`` (ignored for new
+    keys), ema_old ``[..., H, N, S]``, is_new ``[..., H, N]`` bool, recency ``[..., H, N]`` (newest 0;
+    a new key's index in the block is j = n - 1 - recency), norm ``(mean [S], var [S])`` or None.
+    Returns (features ``[..., H, N, F]`` = [age | normalised EMA], raw ema ``[..., H, N, S]``,
+    next left context ``[..., H, N, n_fft - hop]``).
+    """
+    c = _fcfg(cfg)
+    n = rows.shape[-2]
+    if n % c.hop:
+        raise ValueError(f"token_features: {n} new queries is not a multiple of hop={c.hop}")
+    r = rows.float().transpose(-1, -2)  # [..., H, N, n]
+    ctx = torch.where(is_new[..., None], torch.zeros_like(left_context, dtype=torch.float32), left_context.float())
+    series = torch.cat([ctx, r], dim=-1)  # [..., H, N, n + n_fft - hop]
+    spec = _spectrogram(series, c)  # [..., H, N, T, S]
+    new_index = n - 1 - recency
+    ema = _ema_from_nts(spec, ema_old, is_new, new_index, c)
+    x = ema if norm is None else normalize(ema, norm[0], norm[1], c.norm_eps)
+    feats = torch.cat([age_embedding(recency, c), x], dim=-1)
+    next_ctx = series[..., series.shape[-1] - (c.n_fft - c.hop):]
+    return feats, ema, next_ctx
+
+
+class NormStats:
+    """Running per-bin mean/variance (Chan et al. parallel merge), in float64, masked by validity."""
+
+    def __init__(self, dim: int):
+        self.count = 0.0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> "NormStats":
+        """Merge rows of ``x [..., S]`` where ``mask [...]`` is True."""
+        x = x.detach().to("cpu", torch.float64).reshape(-1, x.shape[-1])
+        if mask is not None:
+            x = x[mask.detach().to("cpu").reshape(-1)]
+        n_b = x.shape[0]
+        if n_b == 0:
+            return self
+        mean_b = x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)  # Chan: mean_a + d n_b / n
+        self.m2 = self.m2 + m2_b + delta**2 * (self.count * n_b / n)  # + d^2 n_a n_b / n
+        self.count = n
+        return self
+
+    def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Population (mean [S], var [S]) in float32."""
+        var = self.m2 / max(self.count, 1.0)
+        return self.mean.float(), var.float()
+
+
+def num_frames(series_len: int, cfg) -> int:
+    c = _fcfg(cfg)
+    return (series_len - c.n_fft) // c.hop + 1
+
+
+__all__ = [
+    "NormStats",
+    "age_embedding",
+    "age_frequencies",
+    "ema_reduce",
+    "ema_weights",
+    "frame_mask",
+    "gqa_average",
+    "normalize",
+    "num_frames",
+    "stft_magnitudes",
+    "token_features",
+    "window",
+]

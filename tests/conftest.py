@@ -1,0 +1,17 @@
+"""Shared test setup: offline, no wandb, and the tiny random Llama used by the unit tests."""
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """``(model, tokenizer)``: ``experiments.models.tiny_random("llama", seed=0)``, shared by the session."""
+    from experiments.models import tiny_random
+
+    return tiny_random("llama", seed=0)

@@ -1,0 +1,109 @@
+"""End to end: the evaluation entry point on the tiny random model (and SmolLM2, marked slow)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments import reporting
+from experiments.evaluate import policy_runs, run, run_or_exit
+from experiments.models import byte_tokenizer
+from experiments.tasks import TaskError, generate, write_jsonl
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+HEADLINE = re.compile(r"^\S+: -?[\d.]+ \(target: .+\)$")
+
+
+def _cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return compose("evaluate", overrides=["model=tiny_random", f"output_dir={tmp_path}",
+                                              "logging.wandb_mode=disabled", "progress=false", *overrides])
+
+
+def test_policy_runs_grid():
+    runs = policy_runs({"name": "full", "budget": None}, ["recency"], [64, 0.5])
+    assert [(r["name"], r["budget"]) for r in runs] == [("full", None), ("recency", 64), ("recency", 0.5)]
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        policy_runs({"name": "full"}, ["nope"], None)
+
+
+def test_evaluate_end_to_end(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "task=builtin", "task.tasks=[passkey,needle_qa]", "task.n=1",
+               "task.context_lengths=[320]", "split=all", "compare=[recency]", "budgets=[128]")
+    summary = run(cfg)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert HEADLINE.match(out[-1]), out[-1]
+    preds = reporting.read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(preds) == 2 * 2  # 2 prompts x (full, recency@128)
+    for p in preds:
+        assert {"task", "_id", "length", "policy", "budget", "prediction", "answers", "score", "kv_fraction_prefill",
+                "kv_fraction_decode", "prompt_tokens", "wall_s"} <= set(p)
+        assert 0.0 <= p["score"] <= 1.0 and p["length"] == 320
+    full = [p for p in preds if p["policy"] == "full"]
+    assert all(p["kv_fraction_prefill"] == 1.0 and p["budget"] is None for p in full)
+    rec = [p for p in preds if p["policy"] == "recency"]
+    assert all(p["kv_fraction_prefill"] < 1.0 and p["budget"] == 128 for p in rec)
+    results = reporting.read_jsonl(tmp_path / "results.jsonl")
+    assert {(r["task"], r["length"], r["policy"], r["budget"]) for r in results} == {
+        ("passkey", 320, "full", None), ("needle_qa", 320, "full", None),
+        ("passkey", 320, "recency", 128), ("needle_qa", 320, "recency", 128)}
+    for r in results:
+        assert r["n"] == 1 and 0 <= r["score"] <= 100 and 0 < r["kv_fraction"] <= 1 and r["wall_s"] >= 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| task | n | full | recency@128 |" in table and "| passkey@320 | 1 |" in table
+    assert (tmp_path / "score_vs_kv.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text())["headline"]["name"] == summary["headline"]["name"]
+    # a rerun into the same directory resumes: every prediction is reused as it was
+    run(cfg)
+    assert reporting.read_jsonl(tmp_path / "predictions.jsonl") == preds
+
+
+def test_evaluate_jsonl_task(tmp_path, capsys):
+    tok = byte_tokenizer()
+    rows = generate("passkey", tok, 300, 2, seed=5) + generate("lcc", tok, 300, 1, seed=5)
+    path = write_jsonl(rows, tmp_path / "tiny.jsonl")
+    out_dir = tmp_path / "out"
+    run(_cfg(out_dir, "task=jsonl", f"task.path={path}", "split=all", "model.max_context=200"))
+    results = reporting.read_jsonl(out_dir / "results.jsonl")
+    assert sorted((r["task"], r["n"]) for r in results) == [("lcc", 1), ("passkey", 2)]
+    preds = reporting.read_jsonl(out_dir / "predictions.jsonl")
+    assert all(p["truncated"] and p["prompt_tokens"] <= 200 for p in preds)  # over-long prompts: truncated
+    assert HEADLINE.match(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bad_input_is_one_line(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input": "q", "answers": ["a"], "dataset": "passkey"}) + "\n")
+    with pytest.raises(TaskError, match=r"bad.jsonl:1: row is missing 'context'"):
+        run(_cfg(tmp_path, "task=jsonl", f"task.path={bad}", "split=all"))
+    # as the command line reports it: one line and exit status 1, no traceback
+    with pytest.raises(SystemExit) as e:
+        run_or_exit(_cfg(tmp_path, "task=jsonl", f"task.path={tmp_path / 'missing.jsonl'}"))
+    msg = str(e.value.code)
+    assert msg.startswith("evaluate: task file") and "does not exist" in msg and "\n" not in msg
+    with pytest.raises(SystemExit, match="evaluate: .*unknown dataset 'mystery'"):
+        bad.write_text(json.dumps({"context": "c", "answers": ["a"], "dataset": "mystery"}) + "\n")
+        run_or_exit(_cfg(tmp_path, "task=jsonl", f"task.path={bad}", "split=all"))
+
+
+@pytest.mark.slow
+def test_smollm2_passkey(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "model=smollm2", "task=passkey", "task.n=2", "task.context_lengths=[1024]", "split=all")
+    summary = run(cfg)
+    preds = reporting.read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(preds) == 2 and all(p["prediction"].strip() for p in preds)
+    assert all(1000 <= p["prompt_tokens"] <= 1150 for p in preds)
+    assert 0 <= summary["mean_score"]["full"] <= 100
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("full_cache_mean_score: ")
+
+
+def test_unknown_config_names_are_one_line():
+    from experiments.evaluate import check_group_choices
+
+    check_group_choices(["task=passkey", "model=tiny_random", "policy=full", "task.n=3"])
+    with pytest.raises(SystemExit, match=r"^evaluate: unknown task 'nope'; use one of: builtin, humaneval, jsonl"):
+        check_group_choices(["task=nope"])
+    with pytest.raises(SystemExit, match=r"^evaluate: unknown model 'gpt9'"):
+        check_group_choices(["model=gpt9"])

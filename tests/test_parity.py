@@ -1,0 +1,191 @@
+"""Torch runtime vs JAX core on the same golden tensors: features, scores (1e-5 fp32), keep decisions."""
+
+import numpy as np
+import pytest
+import torch
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from namm import baselines as jbase  # noqa: E402
+from namm import features as jfeat  # noqa: E402
+from namm import policy as jpolicy  # noqa: E402
+from namm import scoring as jscore  # noqa: E402
+from namm import selection as jsel  # noqa: E402
+from namm.config import NAMMConfig, ScorerConfig, SelectionConfig  # noqa: E402
+from namm.torch import baselines as tbase  # noqa: E402
+from namm.torch import features as tfeat  # noqa: E402
+from namm.torch import scoring as tscore  # noqa: E402
+from namm.torch import selection as tsel  # noqa: E402
+from namm.torch.policy import NAMMPolicy  # noqa: E402
+
+CFG = NAMMConfig()
+H, S_OLD, N_NEW = 2, 40, 32
+S = S_OLD + N_NEW
+
+
+def t(x):
+    return torch.from_numpy(np.asarray(x, dtype=np.float32).copy())
+
+
+@pytest.fixture(scope="module")
+def golden():
+    """One layer's update: 40 retained tokens (gapped positions) + 32 new ones, random rows and state."""
+    rng = np.random.default_rng(0)
+    old_pos = np.sort(rng.choice(300, S_OLD, replace=False))
+    positions = np.concatenate([old_pos, np.arange(300, 300 + N_NEW)]).astype(np.int32)
+    logits = rng.normal(size=(H, N_NEW, S)) * 2
+    causal = np.arange(S)[None, :] <= (np.arange(N_NEW)[:, None] + S_OLD)
+    logits = np.where(causal[None], logits, -np.inf)
+    rows = np.exp(logits - logits.max(-1, keepdims=True))
+    rows = (rows / rows.sum(-1, keepdims=True)).astype(np.float32)  # [H, n, S]
+    ema = np.abs(rng.normal(size=(H, S, 17))).astype(np.float32) * 0.05
+    ctx = np.abs(rng.normal(size=(H, S, 16))).astype(np.float32) * 0.05
+    ema[:, S_OLD:] = 0
+    ctx[:, S_OLD:] = 0
+    mean = (np.abs(rng.normal(size=17)) * 0.02).astype(np.float32)
+    var = (np.abs(rng.normal(size=17)) * 1e-3 + 1e-4).astype(np.float32)
+    flat = (rng.normal(size=jscore.num_params(CFG)) * 0.3).astype(np.float32)
+    keys = rng.normal(size=(H, S, 8)).astype(np.float32)
+    return dict(positions=positions, rows=rows, ema=ema, ctx=ctx, mean=mean, var=var, flat=flat, keys=keys)
+
+
+def test_feature_pieces(golden):
+    rng = np.random.default_rng(1)
+    attn = rng.random((6, 32, 20)).astype(np.float32)
+    np.testing.assert_allclose(tfeat.gqa_average(t(attn), 2).numpy(), np.asarray(jfeat.gqa_average(attn, 2)), atol=1e-7)
+    series = rng.random((3, 20, 48)).astype(np.float32)
+    np.testing.assert_allclose(
+        tfeat.stft_magnitudes(t(series), CFG).numpy(), np.asarray(jfeat.stft_magnitudes(series, CFG)), atol=1e-5
+    )
+    rec = np.array([0, 1, 5, 100, 1000, 2047])
+    np.testing.assert_allclose(
+        tfeat.age_embedding(torch.from_numpy(rec), CFG).numpy(), np.asarray(jfeat.age_embedding(rec, CFG)), atol=1e-5
+    )
+    # large ages: the runtime's float64-built table is exact to float32 rounding (clipped at max_age)
+    rec = np.array([6000, 32768, 40000])
+    r = np.minimum(rec, CFG.features.max_age)[:, None] * (50000.0 ** (-np.arange(4) / 4))
+    np.testing.assert_allclose(
+        tfeat.age_embedding(torch.from_numpy(rec), CFG).numpy(), np.concatenate([np.sin(r), np.cos(r)], -1), atol=1e-7
+    )
+    x = rng.normal(size=(50, 17)).astype(np.float32)
+    stats = tfeat.NormStats(17).update(t(x[:20])).update(t(x[20:]))
+    mean, var = stats.finalize()
+    jstats = jfeat.NormStats.init(17).update(x[:20]).update(x[20:]).finalize()
+    np.testing.assert_allclose(mean.numpy(), np.asarray(jstats.mean), atol=1e-6)
+    np.testing.assert_allclose(var.numpy(), np.asarray(jstats.var), atol=1e-6)
+
+
+def test_token_features_and_scores(golden):
+    g = golden
+    is_new = np.broadcast_to(np.arange(S) >= S_OLD, (H, S))
+    recency = np.broadcast_to(g["positions"].max() - g["positions"], (H, S))
+    jf, jema, jctx = jfeat.token_features(
+        g["rows"], g["ctx"], g["ema"], is_new, recency, jfeat.NormParams(g["mean"], g["var"]), CFG
+    )
+    tf, tema, tctx = tfeat.token_features(
+        t(g["rows"]), t(g["ctx"]), t(g["ema"]), torch.from_numpy(is_new.copy()),
+        torch.from_numpy(recency.copy()), (t(g["mean"]), t(g["var"])), CFG,
+    )
+    np.testing.assert_allclose(tema.numpy(), np.asarray(jema), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tctx.numpy(), np.asarray(jctx), atol=1e-7)
+    np.testing.assert_allclose(tf.numpy(), np.asarray(jf), rtol=1e-4, atol=1e-4)
+    valid = np.ones((H, S), bool)
+    js = np.asarray(jscore.score_tokens(g["flat"], CFG, np.asarray(jf), valid))
+    ts = tscore.score_tokens(tscore.unflatten(t(g["flat"]), CFG), CFG, t(np.asarray(jf)))
+    np.testing.assert_allclose(ts.numpy(), js, rtol=1e-5, atol=1e-5)
+    # with invalid slots (masked mode) the backward mask also drops them
+    valid[0, ::3] = False
+    js = np.asarray(jscore.score_tokens(g["flat"], CFG, np.asarray(jf), valid))
+    ts = tscore.score_tokens(tscore.unflatten(t(g["flat"]), CFG), CFG, t(np.asarray(jf)), torch.from_numpy(valid))
+    np.testing.assert_allclose(ts.numpy()[valid], js[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_scorer_parity():
+    cfg = NAMMConfig(scorer=ScorerConfig(kind="mlp", mlp_depth=3, mlp_width=25, mlp_bias=True, mlp_residual=True))
+    rng = np.random.default_rng(2)
+    flat = rng.normal(size=jscore.num_params(cfg)).astype(np.float32)
+    x = rng.normal(size=(2, 30, 25)).astype(np.float32)
+    assert tscore.param_layout(cfg) == jscore.param_layout(cfg)
+    js = np.asarray(jscore.score_tokens(flat, cfg, x, np.ones((2, 30), bool)))
+    ts = tscore.score_tokens(tscore.unflatten(t(flat), cfg), cfg, t(x))
+    np.testing.assert_allclose(ts.numpy(), js, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sel", [SelectionConfig(), SelectionConfig(mode="masked"), SelectionConfig(top_k=20)])
+def test_selection_parity(sel):
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(3, 50)).astype(np.float32)
+    scores[1, :10] = 0.0  # ties at the threshold are kept
+    valid = rng.random((3, 50)) > 0.2
+    pos = np.broadcast_to(np.arange(50), (3, 50)).astype(np.int32)
+    newest = np.asarray(jsel.newest_mask(pos, valid))
+    jk = np.asarray(jsel.select(scores, valid, newest, sel))
+    tn = tsel.newest_mask(torch.from_numpy(pos.copy()).long(), torch.from_numpy(valid))
+    assert (tn.numpy() == newest).all()
+    tk = tsel.select(t(scores), torch.from_numpy(valid), tn, sel)
+    assert (tk.numpy() == jk).all()
+
+
+@pytest.mark.parametrize("mode", ["ragged_max", "masked"])
+def test_policy_step_parity(golden, mode):
+    """One full NAMM update (features + BAM + selection): same scores and same kept tokens."""
+    g = golden
+    cfg = NAMMConfig(selection=SelectionConfig(mode=mode))
+    state = jpolicy.PolicyState(
+        ema=jnp.asarray(g["ema"]), left_context=jnp.asarray(g["ctx"]),
+        positions=jnp.asarray(np.where(np.arange(S) < S_OLD, g["positions"], 0)[None].repeat(H, 0)),
+        valid=jnp.asarray(np.broadcast_to(np.arange(S) < S_OLD, (H, S))),
+    )
+    valid = np.ones((H, S), bool)
+    _, jscores, jkeep = jpolicy.update(
+        g["flat"], (g["mean"], g["var"]), state, g["rows"], g["positions"], valid, cfg
+    )
+    policy = NAMMPolicy.from_flat(t(g["flat"]), cfg, (g["mean"], g["var"]))
+    out = policy.update(
+        {"ema": t(g["ema"][:, :S_OLD])[None], "left_context": t(g["ctx"][:, :S_OLD])[None]},
+        t(g["rows"])[None], t(g["keys"])[None], torch.from_numpy(g["positions"]).long().expand(1, H, S),
+        None, N_NEW, 332, 0, False,
+    )
+    np.testing.assert_allclose(out.scores[0].numpy(), np.asarray(jscores), rtol=1e-5, atol=1e-5)
+    jkeep = np.asarray(jkeep)
+    assert 0 < jkeep.sum() < jkeep.size  # the golden case really evicts
+    tkeep = np.zeros((H, S), bool)
+    idx = out.keep[0].numpy()
+    flags = np.ones_like(idx, bool) if out.valid is None else out.valid[0].numpy()
+    for h in range(H):
+        tkeep[h, idx[h][flags[h]]] = True
+    assert (tkeep == jkeep).all()
+
+
+@pytest.mark.parametrize(
+    "name,knobs",
+    [("recency", {}), ("streamingllm", {"sinks": 3}), ("h2o", {"recent_fraction": 0.5}),
+     ("l2", {"recent_fraction": 0.25}), ("snapkv", {"window": 8, "kernel": 5})],
+)
+@pytest.mark.parametrize("budget", [0.1, 17])
+def test_baseline_parity(golden, name, knobs, budget):
+    g = golden
+    jp = jbase.make_baseline(name, budget=budget, **knobs)
+    acc_old = np.abs(np.random.default_rng(4).normal(size=(H, S))).astype(np.float32)
+    acc_old[:, S_OLD:] = 0
+    state = jbase.BaselineState(
+        positions=jnp.asarray(np.where(np.arange(S) < S_OLD, g["positions"], 0)[None].repeat(H, 0)),
+        valid=jnp.asarray(np.broadcast_to(np.arange(S) < S_OLD, (H, S))),
+        acc=jnp.asarray(acc_old),
+    )
+    _, _, jkeep = jp.update(None, state, g["rows"], g["positions"], np.ones((H, S), bool), keys=g["keys"], layer=1)
+    tp = tbase.make_baseline(name, budget=budget, **knobs)
+    rows = t(g["rows"])[None]
+    if name == "snapkv":
+        rows = rows[:, :, -8:]  # the cache buffers only the observation window
+    out = tp.update(
+        {"acc": t(acc_old[:, :S_OLD])[None]}, rows, t(g["keys"])[None],
+        torch.from_numpy(g["positions"]).long().expand(1, H, S), None, N_NEW, 332, 1, False,
+    )
+    tkeep = np.zeros((H, S), bool)
+    for h in range(H):
+        tkeep[h, out.keep[0, h].numpy()] = True
+    jkeep = np.asarray(jkeep)
+    assert (tkeep == jkeep).all()
+    assert tkeep.sum(-1).tolist() == [tbase.resolve_budget(budget, 332)] * H

@@ -1,0 +1,119 @@
+"""The speculative loops are lossless: greedy == target greedy token for token; sampling matches p."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from experiments.models import tiny_random
+from spec_decode.draft import DraftConfig, params_from_hf
+from spec_decode.export import export_draft
+from spec_decode.torch import (DraftHandle, DraftMismatchError, DraftProposer, PromptLookupProposer, Sampling,
+                               autoregressive_generate, hf_generate, speculative_generate)
+
+PROMPTS = [b"def add(a, b):\n    return a + b\n\ndef add(", b"hello hello hello", b"x"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    target, tok = tiny_random("llama", seed=0)
+    state = {k: v.numpy() for k, v in target.state_dict().items()}
+    root = tmp_path_factory.mktemp("drafts")
+    drafts = {}
+    for name, layers, vm in (("one_layer", 1, None), ("reduced", 1, np.arange(0, 259, 2)), ("full_copy", 2, None)):
+        cfg = DraftConfig.from_target(target.config.to_dict(), num_layers=layers)
+        drafts[name] = DraftHandle.from_pretrained(export_draft(root / name, cfg, params_from_hf(state, cfg),
+                                                                vocab_map=vm), target)
+    return target, drafts
+
+
+@pytest.mark.parametrize("draft_name", ["one_layer", "reduced", "full_copy", "prompt_lookup"])
+def test_greedy_equals_target_greedy(models, draft_name):
+    target, drafts = models
+    for prompt in PROMPTS:
+        ids = torch.tensor([list(prompt)])
+        ref, _ = autoregressive_generate(target, ids, 24)
+        assert ref.tolist() == target.generate(ids, max_new_tokens=24, do_sample=False).tolist()
+        for gamma, adaptive in ((1, False), (4, False), (3, True)):
+            proposer = PromptLookupProposer() if draft_name == "prompt_lookup" else DraftProposer(drafts[draft_name])
+            out, stats = speculative_generate(target, ids, proposer, 24, gamma=gamma, adaptive=adaptive)
+            assert out.tolist() == ref.tolist(), (draft_name, prompt, gamma)
+            assert stats.new_tokens == 24 and stats.rounds <= 24
+            assert all(a <= p for a, p in zip(stats.accepted, stats.proposed))
+    if draft_name == "full_copy":    # the target drafting for itself: everything is accepted
+        assert stats.acceptance_rate == 1.0 and stats.tokens_per_call > 3
+
+
+def test_eos_stops_and_transformers_paths_agree(models):
+    target, drafts = models
+    ids = torch.tensor([list(PROMPTS[0])])
+    ref, _ = autoregressive_generate(target, ids, 16)
+    eos = ref[0, ids.shape[1] + 5].item()           # pretend the 6th new token is EOS
+    out, stats = speculative_generate(target, ids, DraftProposer(drafts["full_copy"]), 16, gamma=4, eos_token_id=eos)
+    first = ref[0, ids.shape[1]:].tolist().index(eos)
+    assert out.tolist()[0] == ref.tolist()[0][: ids.shape[1] + first + 1] and stats.new_tokens == first + 1
+    hf, st = hf_generate(target, ids, 16, draft=drafts["one_layer"].model, draft_length=3)
+    assert hf.tolist() == ref.tolist() and len(st.gammas) == st.rounds
+    pl, _ = hf_generate(target, ids, 16, prompt_lookup=3)
+    assert pl.tolist() == ref.tolist()
+
+
+def _exact_marginals(target, prompt, temperature):
+    """p(x1 | prompt) and p(x2 | prompt) = sum_x1 p(x1) p(x2 | prompt, x1), exactly."""
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+        v = p1.shape[0]
+        batch = torch.tensor([prompt + [x] for x in range(v)])
+        p2_given = torch.softmax(target(batch).logits[:, -1] / temperature, -1)                 # [V, V]
+    return p1.numpy(), (p1[:, None] * p2_given).sum(0).numpy()
+
+
+def _chi2_pvalue(counts, probs, min_expected=5.0):
+    """Chi-square p-value after pooling categories (most likely first) into bins of expected count >= 5."""
+    n = counts.sum()
+    order = np.argsort(-probs)
+    obs, exp, o, e = [], [], 0.0, 0.0
+    for i in order:
+        o, e = o + counts[i], e + probs[i] * n
+        if e >= min_expected:
+            obs.append(o), exp.append(e)
+            o, e = 0.0, 0.0
+    obs[-1] += o
+    exp[-1] += e
+    assert len(obs) >= 3, "too few bins for a chi-square test"
+    return chisquare(np.array(obs), np.array(exp) * sum(obs) / sum(exp)).pvalue
+
+
+def test_sampling_matches_target_distribution_chi_square(models):
+    """Rejection sampling with the residual max(0, p - q) and the bonus token reproduces p exactly."""
+    target, drafts = models
+    prompt = list(b"the cat")
+    temperature, n = 1.5, 400
+    p1, p2 = _exact_marginals(target, prompt, temperature)
+    c1, c2 = np.zeros_like(p1), np.zeros_like(p2)
+    total = None
+    for seed in range(n):
+        g = torch.Generator().manual_seed(seed)
+        out, stats = speculative_generate(target, torch.tensor([prompt]), DraftProposer(drafts["one_layer"]), 3,
+                                          gamma=2, sampling=Sampling(True, temperature), generator=g)
+        c1[out[0, len(prompt)]] += 1
+        c2[out[0, len(prompt) + 1]] += 1
+        total = stats if total is None else total.merge(stats)
+    assert 0 < total.accepted[0] < total.proposed[0]      # both the accept and the residual paths ran
+    assert _chi2_pvalue(c1, p1) > 1e-3 and _chi2_pvalue(c2, p2) > 1e-3
+
+
+def test_bad_input_is_refused(models, tmp_path):
+    target, drafts = models
+    other = tiny_random("llama", seed=1, vocab_size=300)[0]
+    with pytest.raises(DraftMismatchError, match="vocab_size"):
+        DraftHandle.from_pretrained(_save(other, tmp_path), target)
+    with pytest.raises(ValueError, match="batch size 1"):
+        speculative_generate(target, torch.zeros((2, 3), dtype=torch.long), PromptLookupProposer(), 4)
+    with pytest.raises(ValueError, match="min_ngram"):
+        PromptLookupProposer(max_ngram=1, min_ngram=2)
+
+
+def _save(model, path):
+    model.save_pretrained(path / "other")
+    return path / "other"

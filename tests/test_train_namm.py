@@ -1,0 +1,112 @@
+"""experiments.train_namm end to end on the tiny random model: stats stage -> export -> resume ->
+task stage resuming the stats stage's ES state."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments.train_namm import split_heldout, train
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+TINY = ["model=tiny_random", "task.tasks=[passkey]", "task.context_lengths=[256]", "task.n=4",
+        "namm.features.update_interval=64", "namm.features.chunk_size=64", "evolution.population_size=4",
+        "evolution.items_per_generation=2", "evolution.eval_every=1", "extract_layers=null",
+        "logging.wandb_mode=disabled", "progress=false"]
+STATS = ["fitness.context_queries=8", "fitness.max_qa_queries=16"]
+
+
+def _cfg(tmp_path: Path, run: str, *extra: str):
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return compose("train_namm", overrides=[f"run={run}", *TINY, f"runs_root={tmp_path}",
+                                                f"output_dir={tmp_path}/{run}", *extra])
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("runs")
+    return tmp_path, train(_cfg(tmp_path, "builtin_i1", "evolution.generations=2", *STATS))
+
+
+def test_stats_stage_exports_and_resumes(stage1):
+    from namm.torch.policy import NAMMPolicy
+
+    tmp_path, s1 = stage1
+
+    stage = tmp_path / "builtin_i1"
+    assert s1["generation"] == 2 and s1["fitness"] == "stats" and s1["heldout_prompts"] == 1
+    assert (stage / "evolution" / "best.npz").exists() and (stage / "evolution" / "norm_stats.json").exists()
+    rows = [json.loads(l) for l in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in rows] == [1, 2] and "fitness/kept_fraction_mean" in rows[0]
+    policy = NAMMPolicy.from_pretrained(stage / "namm_policy")          # the exported best mean loads
+    assert policy.cfg.features.update_interval == 64
+    # the same command again: nothing left to do, same result
+    again = train(_cfg(tmp_path, "builtin_i1", "evolution.generations=2", *STATS))
+    assert again["generation"] == 2 and len((stage / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow  # the task fitness generates with the runtime for every candidate (minutes on 2 cores)
+def test_task_stage_continues_the_stats_stage(stage1):
+    """Stage 3 (task fitness) starts from stage 1's best ES state and inherits the frozen norm stats."""
+    tmp_path, _ = stage1
+    stage = tmp_path / "builtin_i1"
+    s3 = train(_cfg(tmp_path, "builtin_i3", "evolution.generations=1", "evolution.population_size=2",
+                    "evolution.eval_every=0", f"run.init_from={stage}/evolution/best.npz", "fitness.max_new_tokens=2"))
+    best1 = json.loads(str(np.load(stage / "evolution" / "best.npz")["info_json"]))["generation"]
+    assert s3["fitness"] == "task" and s3["generation"] == best1 + 1
+    assert (json.loads((tmp_path / "builtin_i3" / "evolution" / "norm_stats.json").read_text())
+            == json.loads((stage / "evolution" / "norm_stats.json").read_text()))
+
+
+def test_heldout_split_is_deterministic_and_disjoint():
+    a, b = split_heldout(12, 0.25, 0)
+    assert len(b) == 3 and not set(a) & set(b) and sorted(set(a) | set(b)) == list(range(12))
+    assert np.array_equal(split_heldout(12, 0.25, 0)[1], b)
+    assert len(split_heldout(1, 0.5, 0)[1]) == 0
+
+
+def test_task_fitness_normalisation_and_keep_all_parity():
+    """Per task: sum of scores / sum of full-cache scores, mean over tasks; the zero (keep-all) NAMM
+    reproduces the full cache, so its fitness is exactly 1.0."""
+    from experiments.models import tiny_random
+    from experiments.task_fitness import TaskFitness
+    from experiments.tasks import load_task
+    from namm.config import FeatureConfig, NAMMConfig
+    from namm.scoring import num_params
+
+    model, tok = tiny_random("llama", seed=0)
+    rows = load_task({"name": "passkey", "n": 1, "context_lengths": [256], "seed": 0}, tok, split="train")
+    cfg = NAMMConfig(features=FeatureConfig(update_interval=64, chunk_size=64))
+    fit = TaskFitness(model, tok, rows, cfg, None, chat=False, max_context=4096, max_new_tokens=3)
+    fit.reference = {f"{rows[0]['dataset']}/{rows[0]['_id']}": 0.5}
+    assert fit.normalised(np.array([0.25]), [0]) == 0.5
+    fit.reference = {}                                   # computed with the full cache on first use
+    f = fit.evaluate(np.zeros((1, num_params(cfg)), np.float32), np.array([0]))
+    assert f.tolist() == [1.0] and fit.last_details["kept_fraction"][0] == 1.0
+    fit.reference = {f"{rows[0]['dataset']}/{rows[0]['_id']}": 0.0}
+    assert fit.normalised(np.array([1.0]), [0]) == 2.0     # full cache failed: 1 + successes
+
+
+@pytest.mark.slow  # the whole pipeline (extract, two stages, four evaluated policies): minutes on 2 cores
+def test_main_job_end_to_end_on_the_tiny_model(tmp_path):
+    from experiments.main import run
+
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        cfg = compose("main", overrides=[
+            "model=tiny_random", f"runs_root={tmp_path}", "task.tasks=[passkey,kv_retrieval]",
+            "task.context_lengths=[256]", "task.n=3", "namm.features.update_interval=64",
+            "namm.features.chunk_size=64", "evolution.population_size=4",
+            "stages.0.evolution={generations: 2, items_per_generation: 2, eval_every: 1}",
+            "stages.1.evolution={population_size: 2, generations: 1, items_per_generation: 2, eval_every: 0}",
+            "stages.1.fitness.max_new_tokens=4", "evaluation.n=1", "extract_layers=null",
+            "logging.wandb_mode=disabled", "progress=false"])
+    s = run(cfg)
+    assert [st["fitness"] for st in s["stages"]] == ["stats", "task"]
+    best = json.loads(str(np.load(tmp_path / "stats" / "evolution" / "best.npz")["info_json"]))["generation"]
+    assert s["stages"][1]["generation"] == best + 1                 # the task stage continues the stats stage
+    assert set(s["kv_fraction"]) == {"full", "namm", f"h2o@{s['baseline_budget']}", f"l2@{s['baseline_budget']}"}
+    assert (tmp_path / "evaluation" / "results.md").exists() and (tmp_path / "evaluation" / "score_vs_kv.png").exists()
+    again = run(cfg)                                                 # every step resumes: nothing is redone
+    assert again["stages"][1]["generation"] == best + 1 and again["kv_fraction"] == s["kv_fraction"]
