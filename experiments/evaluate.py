@@ -52,19 +52,36 @@ def load_policy_cfg(name: str) -> dict:
     return cfg
 
 
+def _compared(entry) -> tuple[dict, bool]:
+    """A ``compare`` entry -> (policy config, budget fixed?).
+
+    A name (``h2o``) takes ``configs/policy/h2o.yaml`` and follows ``budgets``; a mapping
+    (``{name: namm, path: untrained}``) overrides that file's keys, and keeps its own budget when it
+    sets ``budget`` (null included) instead of following ``budgets``.
+    """
+    entry = _plain(entry)
+    if isinstance(entry, Mapping):
+        if "name" not in entry:
+            raise EvaluateError(f"compare entry {entry!r} has no 'name'; e.g. {{name: namm, path: untrained}}")
+        return {**load_policy_cfg(str(entry["name"])), **entry}, "budget" in entry
+    return load_policy_cfg(str(entry)), False
+
+
 def policy_runs(policy_cfg: Mapping, compare: Sequence[str] = (), budgets: Sequence | None = None) -> list[dict]:
     """Every (policy, budget) to run: the selected policy and each compared one, at each budget.
 
-    ``full`` ignores budgets and runs once; with ``budgets`` null each policy keeps its own budget.
+    ``full`` ignores budgets and runs once; with ``budgets`` null each policy keeps its own budget,
+    and so does a compared mapping that sets ``budget`` (see ``_compared``).
     """
-    base = [dict(_plain(policy_cfg))] + [load_policy_cfg(str(c)) for c in compare or []]
+    base = [(dict(_plain(policy_cfg)), False)] + [_compared(c) for c in compare or []]
     if budgets is not None and not isinstance(budgets, (list, tuple)):
         raise EvaluateError(f"budgets={budgets!r}; pass a list, e.g. budgets=[256,512] or budgets=[0.25,0.5]")
     runs, seen = [], set()
-    for p in base:
+    for p, fixed in base:
         if "name" not in p:
             raise EvaluateError("a policy config has no 'name'; see configs/policy/*.yaml")
-        for b in ([p.get("budget")] if budgets is None or p["name"] == reporting.FULL else list(budgets)):
+        own = budgets is None or fixed or p["name"] == reporting.FULL
+        for b in ([p.get("budget")] if own else list(budgets)):
             run = {**p, "budget": None if p["name"] == reporting.FULL else b}
             label = reporting.policy_label(run["name"], run["budget"])
             if label not in seen:
@@ -171,7 +188,9 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
             bar.update(1)
             bar.set_postfix_str(f"{row['dataset']} {reporting.policy_label(run['name'], run.get('budget'))}")
     bar.close()
-    reporting.write_jsonl(preds, pred_path)  # the finished file, in row order and without duplicates
+    current = {_key(p["task"], p["_id"], p["policy"], p.get("budget")) for p in preds}
+    others = [p for k, p in done.items() if k not in current]  # runs of other commands into this directory
+    reporting.write_jsonl(preds + others, pred_path)  # the finished file, in row order and without duplicates
     return preds
 
 

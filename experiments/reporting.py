@@ -144,10 +144,7 @@ def print_table(results: Sequence[Mapping], title: str = "score (0-100)") -> Non
 
 def plot_score_vs_kv(results: Sequence[Mapping], path: str | Path) -> Path:
     """One panel per task: score against kv_fraction, one line per policy (its budgets joined)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch (Jupyter keeps inline plots)
 
     tasks = []
     for r in results:
@@ -156,7 +153,8 @@ def plot_score_vs_kv(results: Sequence[Mapping], path: str | Path) -> Path:
             tasks.append(t)
     ncol = min(4, len(tasks)) or 1
     nrow = math.ceil(len(tasks) / ncol) or 1
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.0 * nrow), squeeze=False)
+    fig = Figure(figsize=(3.6 * ncol, 3.0 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax, t in zip(axes.flat, tasks):
         by_policy: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for r in results:
@@ -180,7 +178,6 @@ def plot_score_vs_kv(results: Sequence[Mapping], path: str | Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(path)
     return path
 

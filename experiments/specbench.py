@@ -1,6 +1,7 @@
 """Speculative decoding benchmark: acceptance, tokens per target call, cost ratio c, tokens/s, speedup.
 
     python -m experiments.specbench drafts.tvd=/path/draft drafts.undistilled=/path/undistilled
+    python -m experiments.specbench only=[selfspec]          # self-speculation alone
 
 For every prompt (HumanEval test problems; long-context prompts of the built-in suite) all methods run
 back to back, so that CPU contention hits them alike: target-only greedy (our loop, the baseline; and
@@ -8,6 +9,13 @@ back to back, so that CPU contention hits them alike: target-only greedy (our lo
 assisted generation and transformers prompt lookup. Every output is compared with target-only greedy
 token for token (``lossless``). Writes ``specbench.json``, ``specbench.md`` and
 ``speedup_vs_draft_length.png``; the headline is printed last.
+
+A suite with ``kind: selfspec`` runs self-speculation instead: the target drafts for itself through a
+compressed KV cache (NAMM, H2O, StreamingLLM at each budget; ``SelfSpecProposer``) and verifies with
+its full cache. Its rows add the draft's kept KV fraction, the speedup of the decoding phase alone
+(the draft's own chunked prefill is part of ``speedup``), and the speedup the measured acceptance
+predicts at the measured c and at c = budget (KV-dominated decoding: a draft step reads a
+budget-fraction of the KV cache, weight reads ignored).
 """
 
 from __future__ import annotations
@@ -24,10 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from namm.shards import atomic_write_bytes, atomic_write_json
-from spec_decode.torch import (DraftHandle, DraftProposer, PromptLookupProposer, SpecStats, autoregressive_generate,
-                               hf_generate, speculative_generate)
+from spec_decode.torch import (DraftHandle, DraftProposer, PromptLookupProposer, SelfSpecProposer, SpecStats,
+                               autoregressive_generate, hf_generate, speculative_generate)
 
 log = logging.getLogger(__name__)
+
+KV_DOMINATED = ("c = budget: a draft step reads a budget-fraction of the KV cache and decoding time is dominated "
+                "by KV reads (long context; weight reads and the policy's own cost ignored)")
 
 
 def suite_prompts(tokenizer, suite) -> list[tuple[str, list[int]]]:
@@ -51,19 +62,95 @@ def summarize(stats: SpecStats, base: SpecStats, per_token_target: float) -> dic
             "wall_time": stats.wall_time, "mean_gamma": float(np.mean(stats.gammas)) if stats.gammas else 0.0}
 
 
+def expected_speedup(alpha: float, gamma: int, c: float) -> float:
+    """Walltime speedup of i.i.d. acceptance ``alpha`` at draft length ``gamma`` and cost ratio ``c`` (Leviathan
+    et al. 2023): (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1))."""
+    tokens = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens / (gamma * c + 1)
+
+
+def selfspec_policies(suite) -> tuple[dict[str, dict], dict[str, str]]:
+    """The suite's draft-cache policies ``{name: cfg}``, and ``{name: reason}`` of NAMMs without a directory."""
+    policies, skipped = {}, {}
+    for name, pol in suite.policies.items():
+        pol = OmegaConf.to_container(pol, resolve=True)
+        path = pol.get("path")
+        if pol["name"] == "namm" and path != "untrained" and not (path and Path(path).is_dir()):
+            skipped[name] = f"no NAMM policy directory at {path} (train one or set suites.<suite>.policies.{name}.path)"
+            log.warning("selfspec: skipping %s: %s", name, skipped[name])
+            continue
+        policies[name] = pol
+    return policies, skipped
+
+
+def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, dict]:
+    """Target-only greedy, then self-speculation with each draft-cache policy at each budget, per prompt.
+
+    Returns (rows, lossless, info): rows are ``summarize`` rows plus policy, budget, kv_fraction,
+    decode_speedup and the predicted speedups; ``info`` records the c assumption and skipped policies.
+    """
+    policies, skipped = selfspec_policies(suite)
+    gamma, n_new = int(suite.gamma), int(suite.max_new_tokens)
+    acc: dict[str, SpecStats] = defaultdict(SpecStats)
+    ok: dict[str, bool] = defaultdict(lambda: True)
+    kv: dict[str, list[float]] = defaultdict(list)
+    meta = {}
+    for _, ids in tqdm(prompts, desc=desc):
+        x = torch.tensor([ids])
+        ref, st = autoregressive_generate(target, x, n_new, eos_token_id=eos)
+        acc["target"] = acc["target"].merge(st)
+        for name, pol in policies.items():
+            for budget in suite.budgets:
+                key = f"{name}_{budget:g}@{gamma}"
+                proposer = SelfSpecProposer(target, {**pol, "budget": budget})
+                o, s = speculative_generate(target, x, proposer, n_new, gamma=gamma, eos_token_id=eos)
+                ok[key] &= o.tolist() == ref.tolist()
+                acc[key] = acc[key].merge(s)
+                kv[key].append(proposer.mean_kv_fraction)
+                meta[key] = {"policy": name, "budget": budget}
+    base = acc["target"]
+    per_token = (base.target_time - base.prefill_time) / max(base.rounds, 1)
+    rows = {k: summarize(s, base, per_token) for k, s in acc.items()}
+    rows["target"]["ms_per_token"] = 1e3 * per_token
+    base_decode = base.wall_time - base.prefill_time
+    for key, m in meta.items():
+        r, s = rows[key], acc[key]
+        r.update(m, kv_fraction=float(np.mean(kv[key])),
+                 decode_speedup=base_decode / max(s.wall_time - s.prefill_time, 1e-9),
+                 predicted_speedup=expected_speedup(r["alpha"], gamma, r["c"]),
+                 predicted_speedup_kv=expected_speedup(r["alpha"], gamma, float(m["budget"])))
+    info = {"gamma": gamma, "predicted_speedup_kv": KV_DOMINATED, "skipped": skipped,
+            "policies": policies}
+    return rows, dict(ok), info
+
+
 def run(cfg: DictConfig) -> dict:
     from experiments.models import load_model
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output_dir)
+    only = cfg.get("only")
+    unknown = sorted(set(only or []) - set(cfg.suites))
+    if unknown:
+        raise ValueError(f"only={list(only)} names unknown suites {unknown}; known: {sorted(cfg.suites)}")
+    suites = {k: s for k, s in cfg.suites.items() if only is None or k in only}
+    kinds = {k: s.get("kind", "draft") for k, s in suites.items()}
     target, tok = load_model(cfg.target)
     eos = target.generation_config.eos_token_id
-    drafts = {name: DraftHandle.from_pretrained(path, target, tok) for name, path in cfg.drafts.items() if path}
+    drafts = {}
+    if "draft" in kinds.values():
+        drafts = {name: DraftHandle.from_pretrained(path, target, tok) for name, path in cfg.drafts.items() if path}
     gammas = list(cfg.draft_lengths)
-    results, lossless = {}, {}
-    for suite_name, suite in cfg.suites.items():
+    results, lossless, selfspec = {}, {}, {}
+    for suite_name, suite in suites.items():
         prompts = suite_prompts(tok, suite)
+        if kinds[suite_name] == "selfspec":
+            results[suite_name], lossless[suite_name], selfspec[suite_name] = run_selfspec(
+                target, eos, prompts, suite, suite_name)
+            alphas = {k: round(v["alpha"], 3) for k, v in results[suite_name].items()}
+            log.info("%s alpha: %s", suite_name, json.dumps(alphas))
+            continue
         acc: dict[str, SpecStats] = defaultdict(SpecStats)
         ok: dict[str, bool] = defaultdict(lambda: True)
         for pid, ids in tqdm(prompts, desc=suite_name):
@@ -96,17 +183,23 @@ def run(cfg: DictConfig) -> dict:
         results[suite_name]["target"]["ms_per_token"] = 1e3 * per_token
         lossless[suite_name] = {k: v for k, v in ok.items()}
         log.info("%s: %s", suite_name, json.dumps({k: round(v["speedup"], 3) for k, v in results[suite_name].items()}))
-    report = {"results": results, "lossless": lossless, "drafts": {k: str(v) for k, v in cfg.drafts.items() if v},
-              "config": OmegaConf.to_container(cfg, resolve=True)}
+    report = {"results": results, "lossless": lossless,
+              "drafts": {k: str(v) for k, v in cfg.drafts.items() if v and k in drafts},
+              "kinds": kinds, "selfspec": selfspec, "config": OmegaConf.to_container(cfg, resolve=True)}
     atomic_write_json(out / "specbench.json", report)
-    atomic_write_bytes(out / "specbench.md", table(results, lossless).encode())
-    plot(results, out / "speedup_vs_draft_length.png")
+    atomic_write_bytes(out / "specbench.md", table(results, lossless, kinds).encode())
+    drafted = {k: v for k, v in results.items() if kinds[k] == "draft"}
+    if drafted:
+        plot(drafted, out / "speedup_vs_draft_length.png")
     return report
 
 
-def table(results: dict, lossless: dict) -> str:
+def table(results: dict, lossless: dict, kinds: dict | None = None) -> str:
     lines = []
     for suite, rows in results.items():
+        if (kinds or {}).get(suite) == "selfspec":
+            lines += selfspec_table(suite, rows, lossless[suite])
+            continue
         lines += [f"## {suite}", "", "| method | alpha | tokens/call | c | tokens/s | speedup | lossless |",
                   "|---|---|---|---|---|---|---|"]
         for k, r in sorted(rows.items(), key=lambda kv: -kv[1]["speedup"]):
@@ -114,6 +207,36 @@ def table(results: dict, lossless: dict) -> str:
                          f"{r['tokens_per_s']:.2f} | {r['speedup']:.2f} | {lossless[suite].get(k, True)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def selfspec_table(suite: str, rows: dict, lossless: dict) -> list[str]:
+    """Markdown lines of a self-speculation suite (the draft is the target with a compressed KV cache)."""
+    ms = rows["target"]["ms_per_token"]
+    lines = [f"## {suite} (self-speculation: the target drafts with a compressed KV cache, verifies with its full one)",
+             "", "| draft cache | budget | kv kept | alpha | tokens/call | c | speedup | decode speedup | "
+             "predicted (measured c) | predicted (c = budget) | lossless |", "|" + "---|" * 11,
+             f"| target only ({ms:.1f} ms/token) | 1 | 1.000 | | 1.00 | | 1.00 | 1.00 | | | True |"]
+    for k, r in sorted(((k, r) for k, r in rows.items() if k != "target"), key=lambda kv: -kv[1]["alpha"]):
+        lines.append(f"| {k} | {r['budget']:g} | {r['kv_fraction']:.3f} | {r['alpha']:.3f} | "
+                     f"{r['tokens_per_call']:.2f} | {r['c']:.3f} | {r['speedup']:.2f} | {r['decode_speedup']:.2f} | "
+                     f"{r['predicted_speedup']:.2f} | {r['predicted_speedup_kv']:.2f} | {lossless.get(k, True)} |")
+    lines += ["", f"speedup: end to end, including the draft cache's own chunked prefill; decode speedup: after the "
+              f"prefills. Predicted: (1 - alpha^(g+1)) / ((1 - alpha)(g c + 1)); {KV_DOMINATED}.", ""]
+    return lines
+
+
+def selfspec_headline(report: dict) -> list[str]:
+    """``name: value (target: X)`` lines: NAMM's acceptance at each budget against H2O and StreamingLLM."""
+    lines = []
+    for suite, info in report.get("selfspec", {}).items():
+        missing = "n/a (skipped: no policy directory)" if "namm" in info["skipped"] else "n/a (not run)"
+        for budget in report["config"]["suites"][suite]["budgets"]:
+            alpha = {r["policy"]: r["alpha"] for r in report["results"][suite].values() if r.get("budget") == budget}
+            value = f"{alpha['namm']:.3f}" if "namm" in alpha else missing
+            others = ", ".join(f"{p} {alpha[p]:.3f}" for p in ("h2o", "streamingllm") if p in alpha)
+            lines.append(f"{suite}_namm_acceptance@{budget:g}: {value} "
+                         f"(target: >= 0.9 and above {others or 'h2o, streamingllm'})")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -147,7 +270,7 @@ def plot(results: dict, path: Path) -> None:
 def main(cfg: DictConfig) -> None:
     report = run(cfg)
     res = report["results"]
-    print(table(res, report["lossless"]))
+    print(table(res, report["lossless"], report["kinds"]))
     all_lossless = all(all(v.values()) for v in report["lossless"].values())
     print(f"lossless_greedy: {all_lossless} (target: True)")
     if "humaneval" in res:
@@ -155,6 +278,8 @@ def main(cfg: DictConfig) -> None:
                    key=lambda k: res["humaneval"][k]["speedup"])
         print(f"humaneval_best_method: {best}")
         print(f"humaneval_speedup_best: {res['humaneval'][best]['speedup']:.3f} (target: >= 1.5)")
+    for line in selfspec_headline(report):
+        print(line)
 
 
 if __name__ == "__main__":

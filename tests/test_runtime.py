@@ -218,6 +218,19 @@ def test_masked_mode_and_random_namm(models):
     assert capped.stored_tokens == [resolve_budget(0.25, 96) + 8] * 2
 
 
+@pytest.mark.parametrize("extra", [5, 16, 21])
+def test_namm_final_update_on_a_short_tail(models, extra):
+    """The end-of-prefill update with fewer than hop (16) new queries has no frame: it must still run."""
+    model = models["llama"]
+    flat = torch.randn(4172, generator=torch.Generator().manual_seed(1)) * 0.3
+    cfg = NAMMConfig(features=FeatureConfig(chunk_size=16, update_interval=32))
+    ids = ids_of(64 + extra, seed=3)
+    out = greedy_generate(model, ids, None, 4, policy=NAMMPolicy.from_flat(flat, cfg, final_update=True))
+    assert len(out.token_ids) == 4 and 0.0 < out.kv_fraction_prefill <= 1.0
+    keep_all = greedy_generate(model, ids, None, 4, policy=NAMMPolicy.untrained(cfg, final_update=True))
+    assert keep_all.token_ids == greedy_generate(model, ids, None, 4, policy=build_policy({"name": "full"})).token_ids
+
+
 def test_rollback_crop(models):
     model = models["llama"]
     ids = ids_of(40, seed=12)

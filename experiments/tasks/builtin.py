@@ -266,7 +266,7 @@ def generate_row(name: str, tokenizer, context_length: int, seed: int, i: int) -
     if name not in GENERATORS:
         raise TaskError(f"no built-in generator {name!r}; use one of {', '.join(GENERATORS)} or humaneval")
     if not 256 <= int(context_length) <= 131072:
-        raise TaskError(f"{name}: context length {context_length} is out of range; use 1024-8192 tokens")
+        raise TaskError(f"{name}: context length {context_length} is out of range; use 256-131072 tokens (the suite uses 1024-8192)")
     length = int(context_length)
     context, question, answers = GENERATORS[name](tokenizer, length, _rng(name, seed, length, i))
     return {"input": question, "context": context, "answers": answers, "all_classes": None, "length": length,

@@ -141,9 +141,12 @@ def token_features(rows, left_context, ema_old, is_new, recency, norm, cfg):
     r = rows.float().transpose(-1, -2)  # [..., H, N, n]
     ctx = torch.where(is_new[..., None], torch.zeros_like(left_context, dtype=torch.float32), left_context.float())
     series = torch.cat([ctx, r], dim=-1)  # [..., H, N, n + n_fft - hop]
-    spec = _spectrogram(series, c)  # [..., H, N, T, S]
-    new_index = n - 1 - recency
-    ema = _ema_from_nts(spec, ema_old, is_new, new_index, c)
+    if n == 0:  # an update with fewer than hop new queries (end of an odd-length prefill): no new frame,
+        # so the EMA stands as it is and new keys, not yet seen by any frame, count zero
+        ema = torch.where(is_new[..., None], torch.zeros_like(ema_old, dtype=torch.float32), ema_old.float())
+    else:
+        spec = _spectrogram(series, c)  # [..., H, N, T, S]
+        ema = _ema_from_nts(spec, ema_old, is_new, n - 1 - recency, c)
     x = ema if norm is None else normalize(ema, norm[0], norm[1], c.norm_eps)
     feats = torch.cat([age_embedding(recency, c), x], dim=-1)
     next_ctx = series[..., series.shape[-1] - (c.n_fft - c.hop):]

@@ -8,6 +8,9 @@ from typing import Any
 from namm.torch.cache import FullPolicy, TorchPolicy
 
 
+UNTRAINED = "untrained"  # policy=namm policy.path=untrained: the all-zero NAMM (scores 0, keeps every token)
+
+
 class PolicyConfigError(ValueError):
     """A policy config that cannot be built."""
 
@@ -47,9 +50,12 @@ def build_policy(policy_cfg: Mapping) -> TorchPolicy | None:
         from namm.torch.policy import NAMMPolicy
 
         if "path" not in cfg:
-            raise PolicyConfigError("policy 'namm' needs a path to an exported policy directory: policy.path=DIR")
+            raise PolicyConfigError("policy 'namm' needs a path to an exported policy directory: policy.path=DIR "
+                                    "(or policy.path=untrained for the all-zero, keep-all NAMM)")
         path = cfg.pop("path")
         try:
+            if str(path) == UNTRAINED:
+                return NAMMPolicy.untrained(**cfg)
             return NAMMPolicy.from_pretrained(path, **cfg)
         except TypeError as e:
             raise PolicyConfigError(f"policy 'namm': {e}") from None

@@ -1,0 +1,105 @@
+"""Self-speculation for long prompts: the target drafts for itself through a compressed KV cache.
+
+The draft is the target model with a policy-managed cache (a NAMM, H2O, StreamingLLM, ...: any
+``namm.torch`` policy); the verifier is the same model with a full ``DynamicCache`` (the loop in
+``speculative.py``). A draft step reads only the kept fraction of the KV cache, so when decoding is
+bound by KV reads its cost ratio c is about the budget (TriForce, Sun et al. 2024; MagicDec, Chen
+et al. 2024). Verification keeps it lossless whatever the policy evicts.
+
+Rollback. ``NAMMLayer.crop(-n)`` can only remove tokens appended since the last policy update (an
+update evicts and folds the new tokens into the policy state). So the draft never lets an update
+see a speculative token: before drafting it feeds the committed tokens it has not seen (in chunks
+ending at logical multiples of the chunk size, as the policy's own prefill does: an update fires
+there exactly as in ``namm.torch.generate.greedy_generate``), then drafts at most until the next
+update point (``room``). Rejected drafts are therefore always after the last update, and ``crop``
+removes them together with their buffered queries; accepted drafts stay, exactly as if they had
+been fed as committed tokens. Once per ``update_interval`` tokens a round drafts fewer tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from namm.torch.cache import NAMMCache, TorchPolicy
+from namm.torch.generate import prefill
+from namm.torch.policies import build_policy
+from spec_decode.torch.speculative import DraftProposer
+
+
+class SelfSpecProposer(DraftProposer):
+    """The target ``model`` with a compressed cache from ``policy`` (a ``TorchPolicy`` or a config dict).
+
+    ``policy.make_cache(model)`` switches ``model`` to the ``"namm"`` attention backend, which is
+    exactly ``sdpa`` for any other cache: the verifier (a ``DynamicCache``) is unaffected.
+
+    Invariant between rounds (as ``DraftProposer``, whose ``commit`` crops the rejected drafts): the
+    cache holds a prefix of the committed ids, never the newest token, and no policy update has seen
+    an uncommitted token.
+    """
+
+    def __init__(self, model, policy: TorchPolicy | Mapping):
+        self.model = model
+        self.policy = build_policy(policy) if isinstance(policy, Mapping) else policy
+        self.calls = 0
+        self.generator: torch.Generator | None = None
+        self.kv_fractions: list[float] = []   # stored / seen of the draft cache at each round
+        self.cache: NAMMCache | None = None
+
+    def start(self, ids: list[int]) -> None:
+        """Chunked prefill of everything but the newest token, evicting as the policy dictates."""
+        self.cache = self.policy.make_cache(self.model)
+        self.fed: list[int] = []
+        self.base = 0
+        self.kv_fractions = []
+        if len(ids) > 1:
+            self._feed(ids[:-1])
+            self.fed = list(ids[:-1])
+        self.cache.end_prefill()
+
+    def _feed(self, toks: list[int]) -> torch.Tensor:
+        """Feed ``toks`` (q tokens) to the draft cache; returns the next-token logits ``[V]``."""
+        device = next(self.model.parameters()).device
+        return prefill(self.model, self.cache, torch.tensor([toks], device=device))[0]
+
+    def room(self) -> int | float:
+        """Tokens the draft may propose before a feed would trigger a policy update (inf: never)."""
+        layer = self.cache.layers[0]
+        interval = self.policy.update_interval
+        if not interval or layer.frozen:
+            return math.inf
+        return interval - layer.seen % interval   # feeding room - 1 drafts keeps seen below the next multiple
+
+    @torch.no_grad()
+    def propose(self, ids, gamma, sampling):
+        """Draft up to ``gamma`` tokens after ``ids``; returns (tokens, q ``[g, V]`` or None when greedy)."""
+        self.base = len(self.fed)
+        logits = self._feed(ids[len(self.fed):])          # committed tokens the draft has not seen yet
+        self.fed = list(ids)
+        self.calls += 1
+        self.kv_fractions.append(self.kv_fraction)
+        toks, qs = [], []
+        for i in range(min(gamma, self.room())):
+            if i:
+                logits = self._feed(toks[-1:])            # a speculative token: rolled back by commit()
+                self.fed.append(toks[-1])
+                self.calls += 1
+            if sampling.do_sample:
+                q = sampling.probs(logits)
+                toks.append(int(torch.multinomial(q, 1, generator=self.generator)))
+                qs.append(q)
+            else:
+                toks.append(int(torch.argmax(logits)))
+        return toks, (torch.stack(qs) if qs else None)
+
+    @property
+    def kv_fraction(self) -> float:
+        """Stored / seen tokens of the draft cache now (mean over layers)."""
+        return self.cache.kv_fraction() if self.cache is not None else 1.0
+
+    @property
+    def mean_kv_fraction(self) -> float:
+        """Mean over the rounds of the last generation of the fraction of the KV cache the draft reads."""
+        return sum(self.kv_fractions) / len(self.kv_fractions) if self.kv_fractions else self.kv_fraction

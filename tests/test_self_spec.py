@@ -1,0 +1,152 @@
+"""NAMM self-speculation: the target with a compressed KV cache drafts, the target with its full cache verifies.
+
+Prompts of ~300 tokens with chunk 32 and an update every 64 tokens, so the draft cache evicts during the
+prefill and during decoding, and rejected drafts are rolled back around the evictions.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from transformers import DynamicCache
+
+from experiments import specbench
+from namm.torch.generate import prefill
+from spec_decode.torch import Sampling, SelfSpecProposer, autoregressive_generate, speculative_generate
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+SCHEDULE = {"chunk_size": 32, "update_interval": 64}
+POLICIES = {
+    "h2o": {"name": "h2o", "budget": 0.5, **SCHEDULE},
+    "streamingllm": {"name": "streamingllm", "budget": 0.5, "sinks": 4, **SCHEDULE},
+    "namm_keep_all": {"name": "namm", "path": "untrained", **SCHEDULE},
+    "namm_top_k": {"name": "namm", "path": "untrained", "budget": 0.5, **SCHEDULE},
+}
+PROMPT = torch.tensor([list(" ".join(f"k{i}={i * 7 % 13};" for i in range(42)).encode())])   # [1, 290]
+N_NEW = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is fastest on one thread (and the CI machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """Target-only greedy ``[1, P + N_NEW]`` with the full cache (sdpa: the "namm" backend on a DynamicCache)."""
+    model, _ = tiny_llama
+    model.set_attn_implementation("sdpa")        # the session's model may have been left on another backend
+    ref, _ = autoregressive_generate(model, PROMPT, N_NEW)
+    return ref
+
+
+def _full_kv_bytes(model, ids: torch.Tensor) -> int:
+    cache = DynamicCache(config=model.config)
+    model(ids, past_key_values=cache, use_cache=True)
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_greedy_equals_target_greedy(tiny_llama, reference, name):
+    model, _ = tiny_llama
+    for gamma, adaptive in ((4, False), (2, True)):
+        proposer = SelfSpecProposer(model, POLICIES[name])
+        out, stats = speculative_generate(model, PROMPT, proposer, N_NEW, gamma=gamma, adaptive=adaptive)
+        assert out.tolist() == reference.tolist(), (name, gamma)
+        assert stats.new_tokens == N_NEW and stats.rounds < N_NEW
+        cache = proposer.cache
+        if name == "namm_keep_all":       # nothing evicted: the draft is the target, every draft is accepted
+            assert stats.acceptance_rate == 1.0 and proposer.mean_kv_fraction == 1.0
+        else:                             # the draft really holds less than the full cache
+            assert 0.45 < proposer.mean_kv_fraction < 0.7
+            assert max(cache.stored_tokens()) < 0.7 * cache.seen_tokens
+            assert cache.kv_bytes() < 0.7 * _full_kv_bytes(model, out[:, :cache.seen_tokens])
+            assert all(layer.num_updates >= 5 for layer in cache.layers)   # prefill + decoding evictions
+
+
+@pytest.mark.parametrize("name", ["h2o", "namm_top_k"])
+def test_rollback_leaves_no_trace(tiny_llama, name):
+    """After self-speculation the draft cache equals the policy's own cache fed the committed tokens one by one."""
+    model, _ = tiny_llama
+    proposer = SelfSpecProposer(model, POLICIES[name])
+    out, stats = speculative_generate(model, PROMPT, proposer, N_NEW, gamma=4)
+    assert sum(stats.accepted) < sum(stats.proposed)           # there were rejections to roll back
+    ref = proposer.policy.make_cache(model)
+    prefill(model, ref, PROMPT[:, :-1])
+    ref.end_prefill()
+    for tok in out[0, PROMPT.shape[1] - 1:proposer.cache.seen_tokens].tolist():
+        prefill(model, ref, torch.tensor([[tok]]))
+    assert ref.seen_tokens == proposer.cache.seen_tokens
+    for a, b in zip(ref.layers, proposer.cache.layers):
+        assert torch.equal(a.positions, b.positions) and a.last_update_seen == b.last_update_seen
+        torch.testing.assert_close(a.keys, b.keys)
+
+
+def test_room_stops_drafts_before_an_update(tiny_llama):
+    """No policy update ever sees a draft token: drafts stop at the next multiple of update_interval."""
+    model, _ = tiny_llama
+    proposer = SelfSpecProposer(model, POLICIES["h2o"])
+    p = PROMPT.shape[1]
+    proposer.start(PROMPT[0].tolist())                        # seen = p - 1, then the final (end of prefill) update
+    assert proposer.cache.seen_tokens == p - 1 and proposer.room() == 64 - (p - 1) % 64
+    toks, q = proposer.propose(PROMPT[0].tolist(), 60, Sampling())
+    assert len(toks) == 64 - p % 64 and q is None             # the newest token is fed, then len - 1 drafts
+    nxt = (p // 64 + 1) * 64                                  # the next update point
+    assert proposer.cache.seen_tokens == nxt - 1 and proposer.cache.layers[0].n_pending == nxt - p
+
+
+def test_sampling_runs_and_is_reproducible(tiny_llama):
+    model, _ = tiny_llama
+    sampling = Sampling(do_sample=True, temperature=1.0, top_k=50)
+    outs = []
+    for name in ("h2o", "namm_top_k", "namm_keep_all", "h2o"):
+        g = torch.Generator().manual_seed(0)
+        out, stats = speculative_generate(model, PROMPT, SelfSpecProposer(model, POLICIES[name]), 24, gamma=4,
+                                          sampling=sampling, generator=g)
+        assert out.shape == (1, PROMPT.shape[1] + 24) and stats.new_tokens == 24
+        assert out[0, :PROMPT.shape[1]].tolist() == PROMPT[0].tolist()
+        if name == "namm_keep_all":                            # q == p up to rounding: (nearly) all accepted
+            assert stats.acceptance_rate > 0.95
+        outs.append(out)
+    assert outs[0].tolist() == outs[3].tolist()                # a fixed seed gives the same sample
+
+
+def test_specbench_selfspec_end_to_end(tmp_path, capsys):
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        cfg = compose("specbench", overrides=[
+            "target=tiny_random", f"output_dir={tmp_path}", "only=[selfspec]", "threads=1",
+            "suites.selfspec.task.tasks=[kv_retrieval]", "suites.selfspec.task.context_lengths=[300]",
+            "suites.selfspec.max_prompt_tokens=null", "suites.selfspec.max_new_tokens=12",
+            "suites.selfspec.budgets=[0.5]"])
+    with open_dict(cfg):                                       # the config's schedule, scaled down
+        cfg.suites.selfspec.policies = {
+            "namm": POLICIES["namm_top_k"], "namm_trained": {"name": "namm", "path": str(tmp_path / "missing")},
+            "h2o": {**POLICIES["h2o"], "final_update": False},
+            "streamingllm": {**POLICIES["streamingllm"], "final_update": False}}
+    specbench.main(cfg)
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads((tmp_path / "specbench.json").read_text())
+    rows = report["results"]["selfspec"]
+    assert set(report["results"]) == {"selfspec"} and report["drafts"] == {}
+    assert set(rows) == {"target", "namm_0.5@4", "h2o_0.5@4", "streamingllm_0.5@4"}
+    assert all(report["lossless"]["selfspec"].values()) and "lossless_greedy: True (target: True)" in lines
+    assert "namm_trained" in report["selfspec"]["selfspec"]["skipped"]
+    assert "c = budget" in report["selfspec"]["selfspec"]["predicted_speedup_kv"]
+    for key in ("namm_0.5@4", "h2o_0.5@4", "streamingllm_0.5@4"):
+        r = rows[key]
+        assert 0 <= r["alpha"] <= 1 and r["tokens_per_call"] >= 1 and r["c"] > 0 and r["speedup"] > 0
+        assert 0.4 < r["kv_fraction"] < 0.8 and r["budget"] == 0.5 and r["decode_speedup"] > 0
+        assert r["predicted_speedup_kv"] == pytest.approx(specbench.expected_speedup(r["alpha"], 4, 0.5))
+    assert specbench.expected_speedup(0.8, 5, 0.0) == pytest.approx(3.69, abs=0.01)   # the reference figure
+    md = (tmp_path / "specbench.md").read_text()
+    assert "c = budget" in md and "| namm_0.5@4 | 0.5 |" in md
+    assert re.fullmatch(r"selfspec_namm_acceptance@0.5: [\d.]+ \(target: >= 0.9 and above h2o [\d.]+, "
+                        r"streamingllm [\d.]+\)", lines[-1])
