@@ -29,6 +29,32 @@ def test_policy_runs_grid():
         policy_runs({"name": "full"}, ["nope"], None)
 
 
+def test_compare_mappings_override_and_keep_their_budget():
+    runs = policy_runs({"name": "full", "budget": None},
+                       ["h2o", {"name": "namm", "path": "untrained", "budget": None}, {"name": "l2", "skip_layers": 1}],
+                       [0.5, 0.25])
+    labels = [reporting.policy_label(r["name"], r["budget"]) for r in runs]
+    assert labels == ["full", "h2o@0.5", "h2o@0.25", "namm", "l2@0.5", "l2@0.25"]
+    namm = next(r for r in runs if r["name"] == "namm")
+    assert namm["path"] == "untrained" and namm["chunk_size"] == 128  # the yaml's other keys stay
+    assert all(r["skip_layers"] == 1 for r in runs if r["name"] == "l2")
+    with pytest.raises(ValueError, match="has no 'name'"):
+        policy_runs({"name": "full"}, [{"path": "x"}], None)
+
+
+def test_untrained_namm_keeps_everything(tiny_llama):
+    import torch
+
+    from namm.torch import build_policy, greedy_generate
+
+    model, _ = tiny_llama
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
+    namm = greedy_generate(model, ids, None, 6, policy=build_policy({"name": "namm", "path": "untrained",
+                                                                    "chunk_size": 32, "update_interval": 64}))
+    full = greedy_generate(model, ids, None, 6, policy=build_policy({"name": "full"}))
+    assert namm.token_ids == full.token_ids and namm.kv_fraction_prefill == 1.0
+
+
 def test_evaluate_end_to_end(tmp_path, capsys):
     cfg = _cfg(tmp_path, "task=builtin", "task.tasks=[passkey,needle_qa]", "task.n=1",
                "task.context_lengths=[320]", "split=all", "compare=[recency]", "budgets=[128]")
