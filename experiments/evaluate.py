@@ -172,9 +172,9 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
             t0 = time.perf_counter()
             out = greedy_generate(model, ctx, q, spec.max_new_tokens, policy=policy, eos_token_ids=eos,
                                   compress_question=question_in_compression,
-                                  stop_strings=list(spec.stop) or None, tokenizer=tokenizer)
+                                  stop_strings=list(spec.stops(prompt.chat)) or None, tokenizer=tokenizer)
             gen_s = time.perf_counter() - t0
-            text = _cut_at_stop(tokenizer.decode(out.token_ids, skip_special_tokens=True), spec.stop)
+            text = _cut_at_stop(tokenizer.decode(out.token_ids, skip_special_tokens=True), spec.stops(prompt.chat))
             score = score_prediction(row["dataset"], text, row, timeout=humaneval_timeout)
             rec = {"task": row["dataset"], "_id": row["_id"], "length": row.get("context_tokens"),
                    "policy": run["name"], "budget": run.get("budget"), "prediction": text,

@@ -155,9 +155,9 @@ def extract(model, tokenizer, rows: Sequence[Mapping], stats_dir: str | Path, *,
         q = torch.tensor([prompt.question_ids], dtype=torch.long, device=device) if prompt.question_ids else None
         with torch.no_grad():
             out = greedy_generate(model, ctx, q, spec.max_new_tokens, policy=None, eos_token_ids=eos,
-                                  compress_question=compress_question, stop_strings=list(spec.stop) or None,
-                                  tokenizer=tokenizer)
-        text = cut_at_stop(tokenizer.decode(out.token_ids, skip_special_tokens=True), spec.stop)
+                                  compress_question=compress_question,
+                                  stop_strings=list(spec.stops(prompt.chat)) or None, tokenizer=tokenizer)
+        text = cut_at_stop(tokenizer.decode(out.token_ids, skip_special_tokens=True), spec.stops(prompt.chat))
         score = float(score_prediction(row["dataset"], text, row))
         answer_ids = list(out.token_ids) or [eos[0] if eos else 0]
         qs, ks, vs = record_qkv(model, prompt.ids + answer_ids, layer_ids)

@@ -443,7 +443,7 @@ def runtime_measure(model, tokenizer, policy, prompt, answer_ids: Sequence[int],
             return out
         spec = get_spec(row["dataset"])
         n_new = spec.max_new_tokens if max_new_tokens is None else min(spec.max_new_tokens, max_new_tokens)
-        stops = list(spec.stop) or None
+        stops = list(spec.stops(prompt.chat)) or None
         tokens, cur = [], logits                                              # greedy_generate's decode loop
         while True:
             token = int(cur.argmax(-1).item())
@@ -453,7 +453,7 @@ def runtime_measure(model, tokenizer, policy, prompt, answer_ids: Sequence[int],
             if stops and any(s in tokenizer.decode(tokens) for s in stops):
                 break
             cur = _forward(model, greedy_cache, torch.tensor([[token]], device=device))
-    text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), spec.stop)
+    text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), spec.stops(prompt.chat))
     out.update(greedy_tokens=tokens, greedy_text=text, greedy_score=float(score_prediction(row["dataset"], text, row)))
     return out
 

@@ -77,9 +77,10 @@ class TaskFitness:
         n_new = spec.max_new_tokens if self.max_new_tokens is None else min(spec.max_new_tokens, self.max_new_tokens)
         with torch.no_grad():
             out = greedy_generate(self.model, ctx, q, n_new, policy=policy, eos_token_ids=self.eos,
-                                  compress_question=self.compress_question, stop_strings=list(spec.stop) or None,
-                                  tokenizer=self.tokenizer)
-        text = cut_at_stop(self.tokenizer.decode(out.token_ids, skip_special_tokens=True), spec.stop)
+                                  compress_question=self.compress_question,
+                                  stop_strings=list(spec.stops(prompt.chat)) or None, tokenizer=self.tokenizer)
+        text = cut_at_stop(self.tokenizer.decode(out.token_ids, skip_special_tokens=True),
+                           spec.stops(prompt.chat))
         self._kv.append(float(out.kv_fraction_prefill))
         return float(score_prediction(row["dataset"], text, row))
 

