@@ -15,3 +15,14 @@ def tiny_llama():
     from experiments.models import tiny_random
 
     return tiny_random("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one torch thread (and the CI machine is shared); restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,12 +17,7 @@ from namm.torch.policy import NAMMPolicy, PolicyFormatError, calibrate_norm_stat
 CFG = NAMMConfig(features=FeatureConfig(chunk_size=16, update_interval=32), selection=SelectionConfig(top_k=500))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ PROMPT = torch.tensor([list(" ".join(f"k{i}={i * 7 % 13};" for i in range(42)).e
 N_NEW = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is fastest on one thread (and the CI machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
