@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def bench(model_spec: str, stats_dir: str, out: str, prompts: int, population: int, layers: int | None,
           context_length: int, tasks: list[str], repeats: int, seed: int, max_new_tokens: int | None,
-          sim_layers: int | None = None) -> dict:
+          sim_layers: int | None = None, pop_chunk: int = 1) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -53,7 +53,7 @@ def bench(model_spec: str, stats_dir: str, out: str, prompts: int, population: i
     if sim_layers is not None and sim_layers < len(recorded):
         sub = tuple(recorded[int(round(i))] for i in np.linspace(0, len(recorded) - 1, sim_layers))
     cfg = NAMMConfig()
-    s_cfg = StatsFitnessConfig(layers=sub)
+    s_cfg = StatsFitnessConfig(layers=sub, pop_chunk=pop_chunk)
     data = load_stats_data(kvstats.load_prompts(stats_dir, names), cfg, s_cfg)
     t_cal = time.perf_counter()
     sfit = StatsFitness(data, cfg, s_cfg)
@@ -81,7 +81,7 @@ def bench(model_spec: str, stats_dir: str, out: str, prompts: int, population: i
         "model": model_spec, "prompts": len(rows), "context_length": context_length, "population": population,
         "recorded_layers": recorded, "simulated_layers": list(sub) if sub else recorded,
         "prompt_tokens": [int(n) for n in data.length],
-        "stats": {"seconds_per_generation": stats_s, "candidate_evals_per_s": stats_rate, "compile_s": compile_s,
+        "stats": {"seconds_per_generation": stats_s, "pop_chunk": pop_chunk, "candidate_evals_per_s": stats_rate, "compile_s": compile_s,
                   "norm_calibration_s": calib_s, "repeats": times, "fitness": np.asarray(f_stats).tolist()},
         "task": {"seconds_per_generation": task_s, "candidate_evals_per_s": task_rate,
                  "fitness": np.asarray(f_task).tolist(), "max_new_tokens": max_new_tokens},
@@ -110,10 +110,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pop-chunk", type=int, default=1, help="candidates computed together (fitness.pop_chunk)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     r = bench(a.model, a.stats_dir, a.out, a.prompts, a.population, a.layers, a.context_length,
-              a.tasks.split(","), a.repeats, a.seed, a.max_new_tokens, a.sim_layers)
+              a.tasks.split(","), a.repeats, a.seed, a.max_new_tokens, a.sim_layers, a.pop_chunk)
     print(json.dumps({k: r[k] for k in ("stats", "task")}, indent=1))
     print(f"stats: {r['stats']['candidate_evals_per_s']:.3f} candidates/s  task: "
           f"{r['task']['candidate_evals_per_s']:.3f} candidates/s  ({r['prompts']} prompts, "

@@ -512,10 +512,18 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> dict:
     return {"rho": float(r.statistic), "p": float(r.pvalue), "n": int(len(x))}
 
 
-def correlations(policies: Sequence[dict]) -> dict:
+def correlations(policies: Sequence[dict], budget_target: float | None = None) -> dict:
+    """Spearman against the answer log-likelihood, per group of policies.
+
+    ``within_budget`` (when ``budget_target`` is given): the policies whose simulated kept fraction is at
+    most the fitness's budget target, where the budget term is zero and the fitness is pure fidelity.
+    """
+    groups = [("all", lambda p: True), ("namm", lambda p: p["kind"] == "namm"),
+              ("baselines", lambda p: p["kind"] == "baseline")]
+    if budget_target is not None:
+        groups.append(("within_budget", lambda p: p["stats_kept_fraction"] <= budget_target + 1e-6))
     out = {}
-    for group, sel in (("all", lambda p: True), ("namm", lambda p: p["kind"] == "namm"),
-                       ("baselines", lambda p: p["kind"] == "baseline")):
+    for group, sel in groups:
         ps = [p for p in policies if sel(p)]
         ll = [p["answer_loglik"] for p in ps]
         out[group] = {"stats_fitness": spearman([p["stats_fitness"] for p in ps], ll),
@@ -548,7 +556,7 @@ def markdown(result: dict) -> str:
              f"{result['question_in_compression']}.", "",
              "| group | n | rho(stats fitness, log-lik) | p | rho(-error, log-lik) | rho(runtime kept, log-lik) | "
              "mean per-prompt rho |", "|---|---|---|---|---|---|---|"]
-    for g in ("all", "namm", "baselines"):
+    for g in [g for g in ("all", "namm", "baselines", "within_budget") if g in c]:
         s, e, k = c[g]["stats_fitness"], c[g]["neg_error"], c[g]["runtime_kept_fraction"]
         lines.append(f"| {g} | {s['n']} | {_fmt(s['rho'], 3)} | {_fmt(s['p'], 4)} | {_fmt(e['rho'], 3)} | "
                      f"{_fmt(k['rho'], 3)} | {_fmt(c[g]['per_prompt_mean_rho'], 3)} |")
@@ -825,7 +833,7 @@ def run_study(a) -> dict:
         "recorded_layers": recorded, "simulated_layers": list(data.layers),
         "stats_fitness_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s_cfg).items()},
         "namm_config": namm_cfg.to_dict(), "checkpoints": [str(p) for p in ckpts],
-        "policies": policies, "spearman": correlations(policies),
+        "policies": policies, "spearman": correlations(policies, s_cfg.budget_target if s_cfg.budget_weight else None),
         "timing": {"stats_s": round(stats_s, 1), "runtime_s": round(runtime_s, 1), "wall_s": round(time.time() - t0, 1)},
     }
     s = result["spearman"]

@@ -114,6 +114,9 @@ class StatsData:
         return int(self.q.shape[0])
 
 
+PAD_TO = 128  # simulated buffers are padded to a multiple of this many tokens
+
+
 def _eval_queries(p: kvstats.PromptStats, n_up: int, cfg: StatsFitnessConfig, m: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """Question/answer queries (weight qa_weight) + sampled later context queries (weight 1), padded to m."""
     t = p.num_tokens
@@ -129,7 +132,12 @@ def _eval_queries(p: kvstats.PromptStats, n_up: int, cfg: StatsFitnessConfig, m:
 
 def load_stats_data(prompts: Sequence[kvstats.PromptStats], namm_cfg: NAMMConfig,
                     cfg: StatsFitnessConfig = StatsFitnessConfig()) -> StatsData:
-    """Stack recorded prompts into padded arrays (length a multiple of the update interval)."""
+    """Stack recorded prompts into padded arrays (length: the longest prompt rounded up to ``PAD_TO``).
+
+    Not to a multiple of the update interval: an update fires only when its whole block fits in the
+    prompt, so a tail shorter than the interval never triggers one, and padding it to a full block
+    would only make every simulated step work on a longer buffer (and run one inactive update).
+    """
     n_up = namm_cfg.features.update_interval
     prompts = [p for p in prompts if cfg.max_tokens is None or p.num_tokens <= cfg.max_tokens]
     if not prompts:
@@ -141,7 +149,7 @@ def load_stats_data(prompts: Sequence[kvstats.PromptStats], namm_cfg: NAMMConfig
         raise FitnessError(f"fitness.layers {missing} were not recorded (recorded: {recorded}); re-extract or "
                            f"pick recorded layers")
     sel = [recorded.index(l) for l in layers]
-    t_pad = int(np.ceil(max(p.num_tokens for p in prompts) / n_up) * n_up)
+    t_pad = int(np.ceil(max(p.num_tokens for p in prompts) / PAD_TO) * PAD_TO)
     m = cfg.context_queries + cfg.max_qa_queries
     rng = np.random.default_rng(cfg.seed)
     _, hq, _, d = prompts[0].q.shape
@@ -205,23 +213,29 @@ def simulate(policy: Policy, params, q, k, v, length, eval_idx, eval_w, shared, 
     group = hq // hkv
     num_updates = t // n_up
     pos = jnp.arange(t, dtype=jnp.int32)
-    state0 = policy.init(hkv, t)
+    kf = k.astype(jnp.float32)
 
-    def step(carry, u):
-        state, kept = carry
-        start = u * n_up
-        block = (pos >= start) & (pos < start + n_up)
+    # The updates are unrolled so that update u works on a buffer of only the (u + 1) * n_up slots that
+    # can hold tokens by then (the tokens after its block are not in the cache yet): the early updates,
+    # and BAM's O(N^2) attention in them, cost a fraction of a full-length buffer. The state grows
+    # between updates by padding every leaf's slot axis (axis 1) with empty slots (zeros: invalid).
+    state, kept, cap_prev = None, None, 0
+    keeps = [jnp.ones((hkv, t), bool)]                                               # row 0: no update yet
+    for u in range(num_updates):
+        start, cap = u * n_up, min(t, (u + 1) * n_up)
+        grow = lambda a: jnp.pad(a, [(0, 0), (0, cap - cap_prev)] + [(0, 0)] * (a.ndim - 2))
+        state = policy.init(hkv, cap) if state is None else jax.tree.map(grow, state)
+        kept = jnp.zeros((hkv, cap), bool) if kept is None else grow(kept)
+        block = (pos[:cap] >= start) & (pos[:cap] < start + n_up)
         valid = kept | block[None, :]                                                # kept so far + the new block
-        block_probs = jax.lax.dynamic_slice_in_dim(probs, start, n_up, axis=1)      # [Hq, n, T]
-        rows = _renormalised_rows(block_probs, valid, group)                        # [Hkv, n, T]
-        new_state, _, keep = policy.update(params, state, rows, pos, valid, keys=k.astype(jnp.float32))
+        rows = _renormalised_rows(probs[:, start:start + n_up, :cap], valid, group)   # [Hkv, n, cap]
+        new_state, _, keep = policy.update(params, state, rows, pos[:cap], valid, keys=kf[:, :cap])
         active = start + n_up <= length                                              # the update fires
-        keep = jnp.where(active, keep, valid)
+        kept = jnp.where(active, keep, valid)
         state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
-        return (state, keep), keep
-
-    _, keeps = jax.lax.scan(step, (state0, jnp.zeros((hkv, t), bool)), jnp.arange(num_updates))
-    keeps = jnp.concatenate([jnp.ones((1, hkv, t), bool), keeps], axis=0)             # [U+1, Hkv, T]; row 0: none yet
+        keeps.append(jnp.pad(kept, [(0, 0), (0, t - cap)]))
+        cap_prev = cap
+    keeps = jnp.stack(keeps)                                                         # [U+1, Hkv, T]
     c = eval_idx // n_up                                                             # updates done before query t
     mask = keeps[c] | (pos[None, None, :] >= (c * n_up)[:, None, None])              # [M, Hkv, T] K(t)
     mask_hq = jnp.repeat(jnp.swapaxes(mask, 0, 1), group, axis=0)                    # [Hq, M, T]
