@@ -100,11 +100,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
-    return text[:cut]
-
-
 def _limit(rows: list[dict], max_prompts) -> list[dict]:
     if max_prompts is None:
         return rows
@@ -131,10 +126,9 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
     Predictions are appended to ``out_dir/predictions.jsonl`` as they come; rows already there (same
     task, _id, policy, budget) are reused and rescored, so a killed run resumes.
     """
-    import torch
     from tqdm import tqdm
 
-    from namm.torch.generate import greedy_generate
+    from experiments.extract import generate_answer
     from namm.torch.policies import build_policy
 
     out_dir = Path(out_dir)
@@ -146,7 +140,6 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
             done[_key(p["task"], p["_id"], p["policy"], p.get("budget"))] = p
     prompts = build_prompts(rows, tokenizer, chat, max_context, templates)
     eos = _eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
     todo = [(r, pr, run) for r, pr in zip(rows, prompts) for run in runs]
     n_resumed = sum(_key(r["dataset"], r["_id"], run["name"], run.get("budget")) in done for r, _, run in todo)
     if n_resumed:
@@ -167,14 +160,10 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
                 bar.update(1)
                 continue
             policy = build_policy(policies[reporting.policy_label(run["name"], run.get("budget"))])
-            ctx = torch.tensor([prompt.context_ids], dtype=torch.long, device=device)
-            q = torch.tensor([prompt.question_ids], dtype=torch.long, device=device) if prompt.question_ids else None
             t0 = time.perf_counter()
-            out = greedy_generate(model, ctx, q, spec.max_new_tokens, policy=policy, eos_token_ids=eos,
-                                  compress_question=question_in_compression,
-                                  stop_strings=list(spec.stops(prompt.chat)) or None, tokenizer=tokenizer)
+            text, out = generate_answer(model, tokenizer, prompt, spec, spec.max_new_tokens, policy=policy,
+                                        eos_token_ids=eos, compress_question=question_in_compression)
             gen_s = time.perf_counter() - t0
-            text = _cut_at_stop(tokenizer.decode(out.token_ids, skip_special_tokens=True), spec.stops(prompt.chat))
             score = score_prediction(row["dataset"], text, row, timeout=humaneval_timeout)
             rec = {"task": row["dataset"], "_id": row["_id"], "length": row.get("context_tokens"),
                    "policy": run["name"], "budget": run.get("budget"), "prediction": text,

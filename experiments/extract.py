@@ -119,16 +119,36 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+def generate_answer(model, tokenizer, prompt, spec, max_new_tokens: int, *, policy=None, eos_token_ids=None,
+                    compress_question: bool = True):
+    """Greedy answer to a built prompt through the runtime (``policy`` None: full cache).
+
+    Returns (the decoded text cut at the task's stop strings for this prompt's format, the
+    ``GenerationOutput``); generation itself stops at the same strings.
+    """
+    import torch
+
+    from namm.torch.generate import greedy_generate
+
+    device = next(model.parameters()).device
+    ctx = torch.tensor([prompt.context_ids], dtype=torch.long, device=device)
+    q = torch.tensor([prompt.question_ids], dtype=torch.long, device=device) if prompt.question_ids else None
+    stops = spec.stops(prompt.chat)
+    with torch.no_grad():
+        out = greedy_generate(model, ctx, q, max_new_tokens, policy=policy, eos_token_ids=eos_token_ids,
+                              compress_question=compress_question, stop_strings=list(stops) or None,
+                              tokenizer=tokenizer)
+    return cut_at_stop(tokenizer.decode(out.token_ids, skip_special_tokens=True), stops), out
+
+
 def extract(model, tokenizer, rows: Sequence[Mapping], stats_dir: str | Path, *, layers=None, chat: bool,
             max_context: int | None, templates: Mapping[str, str] | None = None, compress_question: bool = True,
             progress: bool = True, model_name: str | None = None) -> dict:
     """Write one kv_stats shard per row (skipping finished ones); returns ``namm.stats.summary``."""
-    import torch
     from tqdm import tqdm
 
     from experiments.models import model_signature
     from experiments.tasks import build_prompts, get_spec, score_prediction
-    from namm.torch.generate import greedy_generate
 
     if not rows:
         raise ExtractError("no prompts to extract; check task=... and split=... (split=all uses every prompt)")
@@ -141,7 +161,6 @@ def extract(model, tokenizer, rows: Sequence[Mapping], stats_dir: str | Path, *,
     store = stats.open_store(stats_dir, fp)
     prompts = build_prompts(list(rows), tokenizer, chat, max_context, templates)
     eos = eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
     t0, done = time.time(), 0
     bar = tqdm(total=len(rows), disable=not progress, desc="extract", unit="prompt", dynamic_ncols=True,
                file=sys.stderr)
@@ -151,13 +170,8 @@ def extract(model, tokenizer, rows: Sequence[Mapping], stats_dir: str | Path, *,
             bar.update(1)
             continue
         spec = get_spec(row["dataset"])
-        ctx = torch.tensor([prompt.context_ids], dtype=torch.long, device=device)
-        q = torch.tensor([prompt.question_ids], dtype=torch.long, device=device) if prompt.question_ids else None
-        with torch.no_grad():
-            out = greedy_generate(model, ctx, q, spec.max_new_tokens, policy=None, eos_token_ids=eos,
-                                  compress_question=compress_question,
-                                  stop_strings=list(spec.stops(prompt.chat)) or None, tokenizer=tokenizer)
-        text = cut_at_stop(tokenizer.decode(out.token_ids, skip_special_tokens=True), spec.stops(prompt.chat))
+        text, out = generate_answer(model, tokenizer, prompt, spec, spec.max_new_tokens, eos_token_ids=eos,
+                                    compress_question=compress_question)
         score = float(score_prediction(row["dataset"], text, row))
         answer_ids = list(out.token_ids) or [eos[0] if eos else 0]
         qs, ks, vs = record_qkv(model, prompt.ids + answer_ids, layer_ids)

@@ -63,24 +63,14 @@ class TaskFitness:
 
     def score_prompt(self, i: int, policy) -> float:
         """Greedy answer of prompt ``i`` under ``policy`` (None: full cache), scored by the task metric."""
-        import torch
-
-        from experiments.extract import cut_at_stop
+        from experiments.extract import generate_answer
         from experiments.tasks import get_spec, score_prediction
-        from namm.torch.generate import greedy_generate
 
         row, prompt = self.rows[i], self.prompts[i]
         spec = get_spec(row["dataset"])
-        device = next(self.model.parameters()).device
-        ctx = torch.tensor([prompt.context_ids], dtype=torch.long, device=device)
-        q = torch.tensor([prompt.question_ids], dtype=torch.long, device=device) if prompt.question_ids else None
         n_new = spec.max_new_tokens if self.max_new_tokens is None else min(spec.max_new_tokens, self.max_new_tokens)
-        with torch.no_grad():
-            out = greedy_generate(self.model, ctx, q, n_new, policy=policy, eos_token_ids=self.eos,
-                                  compress_question=self.compress_question,
-                                  stop_strings=list(spec.stops(prompt.chat)) or None, tokenizer=self.tokenizer)
-        text = cut_at_stop(self.tokenizer.decode(out.token_ids, skip_special_tokens=True),
-                           spec.stops(prompt.chat))
+        text, out = generate_answer(self.model, self.tokenizer, prompt, spec, n_new, policy=policy,
+                                    eos_token_ids=self.eos, compress_question=self.compress_question)
         self._kv.append(float(out.kv_fraction_prefill))
         return float(score_prediction(row["dataset"], text, row))
 

@@ -219,13 +219,12 @@ def simulate(policy: Policy, params, q, k, v, length, eval_idx, eval_w, shared, 
     # can hold tokens by then (the tokens after its block are not in the cache yet): the early updates,
     # and BAM's O(N^2) attention in them, cost a fraction of a full-length buffer. The state grows
     # between updates by padding every leaf's slot axis (axis 1) with empty slots (zeros: invalid).
-    state, kept, cap_prev = None, None, 0
+    state, kept, cap_prev = policy.init(hkv, 0), jnp.zeros((hkv, 0), bool), 0
     keeps = [jnp.ones((hkv, t), bool)]                                               # row 0: no update yet
     for u in range(num_updates):
         start, cap = u * n_up, min(t, (u + 1) * n_up)
         grow = lambda a: jnp.pad(a, [(0, 0), (0, cap - cap_prev)] + [(0, 0)] * (a.ndim - 2))
-        state = policy.init(hkv, cap) if state is None else jax.tree.map(grow, state)
-        kept = jnp.zeros((hkv, cap), bool) if kept is None else grow(kept)
+        state, kept = jax.tree.map(grow, state), grow(kept)
         block = (pos[:cap] >= start) & (pos[:cap] < start + n_up)
         valid = kept | block[None, :]                                                # kept so far + the new block
         rows = _renormalised_rows(probs[:, start:start + n_up, :cap], valid, group)   # [Hkv, n, cap]
