@@ -24,6 +24,7 @@ import json
 import logging
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import numpy as np
@@ -41,14 +42,22 @@ KV_DOMINATED = ("c = budget: a draft step reads a budget-fraction of the KV cach
                 "by KV reads (long context; weight reads and the policy's own cost ignored)")
 
 
-def suite_prompts(tokenizer, suite) -> list[tuple[str, list[int]]]:
+class SuitePrompt(NamedTuple):
+    id: str
+    ids: list[int]
+    context: int          # the task's nominal context length (a built-in row's ``context_tokens``), else len(ids)
+    task: str
+
+
+def suite_prompts(tokenizer, suite) -> list[SuitePrompt]:
     from experiments.tasks import build_prompt, load_task
 
     rows = load_task(OmegaConf.to_container(suite.task, resolve=True), tokenizer, split=suite.split)
     out = []
     for row in rows:
         p = build_prompt(row, tokenizer, chat=bool(suite.get("chat", False)), max_prompt_tokens=suite.get("max_prompt_tokens"))
-        out.append((row["_id"], list(p.context_ids) + list(p.question_ids)))
+        ids = list(p.context_ids) + list(p.question_ids)
+        out.append(SuitePrompt(row["_id"], ids, int(row.get("context_tokens") or len(ids)), str(row.get("dataset", ""))))
     return out
 
 
@@ -87,41 +96,60 @@ def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, di
     """Target-only greedy, then self-speculation with each draft-cache policy at each budget, per prompt.
 
     Returns (rows, lossless, info): rows are ``summarize`` rows plus policy, budget, kv_fraction,
-    decode_speedup and the predicted speedups; ``info`` records the c assumption and skipped policies.
+    decode_speedup and the predicted speedups, over all prompts; ``info["by_context"]`` and
+    ``info["by_task"]`` hold the same rows per context length and per task (each against target-only
+    decoding of the same prompts), ``info["per_prompt"]`` each run's acceptance counts, and ``info``
+    records the c assumption and skipped policies.
     """
     policies, skipped = selfspec_policies(suite)
     gamma, n_new = int(suite.gamma), int(suite.max_new_tokens)
-    acc: dict[str, SpecStats] = defaultdict(SpecStats)
+    acc: dict[tuple, SpecStats] = defaultdict(SpecStats)       # (key, context length or None = all)
+    kv: dict[tuple, list[float]] = defaultdict(list)
     ok: dict[str, bool] = defaultdict(lambda: True)
-    kv: dict[str, list[float]] = defaultdict(list)
-    meta = {}
-    for _, ids in tqdm(prompts, desc=desc):
+    meta, per_prompt = {}, []
+    for pid, ids, ctx, task in tqdm(prompts, desc=desc):
         x = torch.tensor([ids])
         ref, st = autoregressive_generate(target, x, n_new, eos_token_id=eos)
-        acc["target"] = acc["target"].merge(st)
+        groups = (None, ctx, f"task:{task}")
+        for group in groups:
+            acc[("target", group)] = acc[("target", group)].merge(st)
         for name, pol in policies.items():
             for budget in suite.budgets:
                 key = f"{name}_{budget:g}@{gamma}"
                 proposer = SelfSpecProposer(target, {**pol, "budget": budget})
                 o, s = speculative_generate(target, x, proposer, n_new, gamma=gamma, eos_token_id=eos)
-                ok[key] &= o.tolist() == ref.tolist()
-                acc[key] = acc[key].merge(s)
-                kv[key].append(proposer.mean_kv_fraction)
+                same = o.tolist() == ref.tolist()
+                ok[key] &= same
+                for group in groups:
+                    acc[(key, group)] = acc[(key, group)].merge(s)
+                    kv[(key, group)].append(proposer.mean_kv_fraction)
                 meta[key] = {"policy": name, "budget": budget}
-    base = acc["target"]
+                per_prompt.append({"id": pid, "task": task, "context": ctx, "key": key, "accepted": sum(s.accepted),
+                                   "proposed": sum(s.proposed), "alpha": s.acceptance_rate if s.proposed else None,
+                                   "kv_fraction": proposer.mean_kv_fraction, "lossless": same})
+    contexts = sorted({g for _, g in acc if isinstance(g, int)})
+    tasks = sorted({g for _, g in acc if isinstance(g, str)})
+    info = {"gamma": gamma, "predicted_speedup_kv": KV_DOMINATED, "skipped": skipped, "policies": policies,
+            "by_context": {str(g): _selfspec_rows(acc, kv, meta, g, gamma) for g in contexts},
+            "by_task": {g.split(":", 1)[1]: _selfspec_rows(acc, kv, meta, g, gamma) for g in tasks},
+            "per_prompt": per_prompt}
+    return _selfspec_rows(acc, kv, meta, None, gamma), dict(ok), info
+
+
+def _selfspec_rows(acc: dict, kv: dict, meta: dict, group, gamma: int) -> dict:
+    """Rows of one prompt group (a context length, or None for all prompts) of ``run_selfspec``."""
+    base = acc[("target", group)]
     per_token = (base.target_time - base.prefill_time) / max(base.rounds, 1)
-    rows = {k: summarize(s, base, per_token) for k, s in acc.items()}
+    rows = {k: summarize(s, base, per_token) for (k, g), s in acc.items() if g == group}
     rows["target"]["ms_per_token"] = 1e3 * per_token
     base_decode = base.wall_time - base.prefill_time
     for key, m in meta.items():
-        r, s = rows[key], acc[key]
-        r.update(m, kv_fraction=float(np.mean(kv[key])),
+        r, s = rows[key], acc[(key, group)]
+        r.update(m, kv_fraction=float(np.mean(kv[(key, group)])),
                  decode_speedup=base_decode / max(s.wall_time - s.prefill_time, 1e-9),
                  predicted_speedup=expected_speedup(r["alpha"], gamma, r["c"]),
                  predicted_speedup_kv=expected_speedup(r["alpha"], gamma, float(m["budget"])))
-    info = {"gamma": gamma, "predicted_speedup_kv": KV_DOMINATED, "skipped": skipped,
-            "policies": policies}
-    return rows, dict(ok), info
+    return rows
 
 
 def run(cfg: DictConfig) -> dict:
@@ -153,7 +181,7 @@ def run(cfg: DictConfig) -> dict:
             continue
         acc: dict[str, SpecStats] = defaultdict(SpecStats)
         ok: dict[str, bool] = defaultdict(lambda: True)
-        for pid, ids in tqdm(prompts, desc=suite_name):
+        for pid, ids, _, _ in tqdm(prompts, desc=suite_name):
             x = torch.tensor([ids])
             n_new = int(suite.max_new_tokens)
             ref, st = autoregressive_generate(target, x, n_new, eos_token_id=eos)
@@ -187,18 +215,18 @@ def run(cfg: DictConfig) -> dict:
               "drafts": {k: str(v) for k, v in cfg.drafts.items() if v and k in drafts},
               "kinds": kinds, "selfspec": selfspec, "config": OmegaConf.to_container(cfg, resolve=True)}
     atomic_write_json(out / "specbench.json", report)
-    atomic_write_bytes(out / "specbench.md", table(results, lossless, kinds).encode())
+    atomic_write_bytes(out / "specbench.md", table(results, lossless, kinds, selfspec).encode())
     drafted = {k: v for k, v in results.items() if kinds[k] == "draft"}
     if drafted:
         plot(drafted, out / "speedup_vs_draft_length.png")
     return report
 
 
-def table(results: dict, lossless: dict, kinds: dict | None = None) -> str:
+def table(results: dict, lossless: dict, kinds: dict | None = None, selfspec: dict | None = None) -> str:
     lines = []
     for suite, rows in results.items():
         if (kinds or {}).get(suite) == "selfspec":
-            lines += selfspec_table(suite, rows, lossless[suite])
+            lines += selfspec_table(suite, rows, lossless[suite], (selfspec or {}).get(suite, {}))
             continue
         lines += [f"## {suite}", "", "| method | alpha | tokens/call | c | tokens/s | speedup | lossless |",
                   "|---|---|---|---|---|---|---|"]
@@ -209,33 +237,53 @@ def table(results: dict, lossless: dict, kinds: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def selfspec_table(suite: str, rows: dict, lossless: dict) -> list[str]:
-    """Markdown lines of a self-speculation suite (the draft is the target with a compressed KV cache)."""
-    ms = rows["target"]["ms_per_token"]
+def selfspec_groups(rows: dict, info: dict) -> list[tuple[str, dict]]:
+    """``[(label, rows)]``: all prompts, then each context length (``4K``), then each task."""
+    ctx = sorted(info.get("by_context", {}).items(), key=lambda kv: int(kv[0]))
+    return ([("all", rows)] + [(f"{int(g) // 1024}K" if int(g) % 1024 == 0 else str(g), r) for g, r in ctx]
+            + sorted(info.get("by_task", {}).items()))
+
+
+def selfspec_table(suite: str, rows: dict, lossless: dict, info: dict | None = None) -> list[str]:
+    """Markdown lines of a self-speculation suite (the draft is the target with a compressed KV cache):
+    one row per draft cache and budget over all prompts, then the same per context length and per task."""
+    groups = selfspec_groups(rows, info or {})
     lines = [f"## {suite} (self-speculation: the target drafts with a compressed KV cache, verifies with its full one)",
-             "", "| draft cache | budget | kv kept | alpha | tokens/call | c | speedup | decode speedup | "
-             "predicted (measured c) | predicted (c = budget) | lossless |", "|" + "---|" * 11,
-             f"| target only ({ms:.1f} ms/token) | 1 | 1.000 | | 1.00 | | 1.00 | 1.00 | | | True |"]
-    for k, r in sorted(((k, r) for k, r in rows.items() if k != "target"), key=lambda kv: -kv[1]["alpha"]):
-        lines.append(f"| {k} | {r['budget']:g} | {r['kv_fraction']:.3f} | {r['alpha']:.3f} | "
-                     f"{r['tokens_per_call']:.2f} | {r['c']:.3f} | {r['speedup']:.2f} | {r['decode_speedup']:.2f} | "
-                     f"{r['predicted_speedup']:.2f} | {r['predicted_speedup_kv']:.2f} | {lossless.get(k, True)} |")
+             "", "| prompts | draft cache | budget | kv kept | alpha | tokens/call | c | speedup | decode speedup | "
+             "predicted (measured c) | predicted (c = budget) | lossless |", "|" + "---|" * 12]
+    for label, grp in groups:
+        ms = grp["target"]["ms_per_token"]
+        lines.append(f"| {label} | target only ({ms:.1f} ms/token) | 1 | 1.000 | | 1.00 | | 1.00 | 1.00 | | | True |")
+        for k, r in sorted(((k, r) for k, r in grp.items() if k != "target"), key=lambda kv: -kv[1]["alpha"]):
+            lines.append(f"| {label} | {k} | {r['budget']:g} | {r['kv_fraction']:.3f} | {r['alpha']:.3f} | "
+                         f"{r['tokens_per_call']:.2f} | {r['c']:.3f} | {r['speedup']:.2f} | {r['decode_speedup']:.2f} | "
+                         f"{r['predicted_speedup']:.2f} | {r['predicted_speedup_kv']:.2f} | "
+                         f"{lossless.get(k, True) if label == 'all' else ''} |")
     lines += ["", f"speedup: end to end, including the draft cache's own chunked prefill; decode speedup: after the "
-              f"prefills. Predicted: (1 - alpha^(g+1)) / ((1 - alpha)(g c + 1)); {KV_DOMINATED}.", ""]
+              f"prefills. Predicted: (1 - alpha^(g+1)) / ((1 - alpha)(g c + 1)); {KV_DOMINATED}. Lossless: greedy "
+              "output equal to target-only greedy on every prompt.", ""]
     return lines
 
 
 def selfspec_headline(report: dict) -> list[str]:
-    """``name: value (target: X)`` lines: NAMM's acceptance at each budget against H2O and StreamingLLM."""
+    """``name: value (target: X)`` lines: each NAMM draft cache's acceptance at each budget (per context length,
+    per task, then over all prompts) against H2O and StreamingLLM at the same budget."""
     lines = []
     for suite, info in report.get("selfspec", {}).items():
-        missing = "n/a (skipped: no policy directory)" if "namm" in info["skipped"] else "n/a (not run)"
+        skipped = list(info["skipped"])                       # only NAMM entries are ever skipped
+        namms = skipped + [n for n, p in info["policies"].items() if p["name"] == "namm"] or ["namm"]
+        groups = selfspec_groups(report["results"][suite], info)
+        groups = groups[1:] + groups[:1]                      # all prompts last
         for budget in report["config"]["suites"][suite]["budgets"]:
-            alpha = {r["policy"]: r["alpha"] for r in report["results"][suite].values() if r.get("budget") == budget}
-            value = f"{alpha['namm']:.3f}" if "namm" in alpha else missing
-            others = ", ".join(f"{p} {alpha[p]:.3f}" for p in ("h2o", "streamingllm") if p in alpha)
-            lines.append(f"{suite}_namm_acceptance@{budget:g}: {value} "
-                         f"(target: >= 0.9 and above {others or 'h2o, streamingllm'})")
+            for label, rows in groups:
+                alpha = {r["policy"]: r["alpha"] for r in rows.values() if r.get("budget") == budget}
+                others = ", ".join(f"{p} {alpha[p]:.3f}" for p in ("h2o", "streamingllm") if p in alpha)
+                for name in namms:
+                    missing = "n/a (skipped: no policy directory)" if name in skipped else "n/a (not run)"
+                    value = f"{alpha[name]:.3f}" if name in alpha else missing
+                    at = "" if label == "all" else f"_{label}"
+                    lines.append(f"{suite}_{name}_acceptance{at}@{budget:g}: {value} "
+                                 f"(target: >= 0.9 and above {others or 'h2o, streamingllm'})")
     return lines
 
 
@@ -270,7 +318,7 @@ def plot(results: dict, path: Path) -> None:
 def main(cfg: DictConfig) -> None:
     report = run(cfg)
     res = report["results"]
-    print(table(res, report["lossless"], report["kinds"]))
+    print(table(res, report["lossless"], report["kinds"], report["selfspec"]))
     all_lossless = all(all(v.values()) for v in report["lossless"].values())
     print(f"lossless_greedy: {all_lossless} (target: True)")
     if "humaneval" in res:

@@ -117,7 +117,7 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
         cfg = compose("specbench", overrides=[
             "target=tiny_random", f"output_dir={tmp_path}", "only=[selfspec]", "threads=1",
-            "suites.selfspec.task.tasks=[kv_retrieval]", "suites.selfspec.task.context_lengths=[300]",
+            "suites.selfspec.task.tasks=[kv_retrieval]", "suites.selfspec.task.context_lengths=[300,400]",
             "suites.selfspec.max_prompt_tokens=null", "suites.selfspec.max_new_tokens=12",
             "suites.selfspec.budgets=[0.5]"])
     with open_dict(cfg):                                       # the config's schedule, scaled down
@@ -140,7 +140,19 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
         assert 0.4 < r["kv_fraction"] < 0.8 and r["budget"] == 0.5 and r["decode_speedup"] > 0
         assert r["predicted_speedup_kv"] == pytest.approx(specbench.expected_speedup(r["alpha"], 4, 0.5))
     assert specbench.expected_speedup(0.8, 5, 0.0) == pytest.approx(3.69, abs=0.01)   # the reference figure
+    by_ctx = report["selfspec"]["selfspec"]["by_context"]            # the same rows per context length
+    assert set(by_ctx) == {"300", "400"} and all(set(r) == set(rows) for r in by_ctx.values())
+    for key in ("target", "h2o_0.5@4"):                          # all prompts = both groups merged
+        assert rows[key]["new_tokens"] == sum(by_ctx[g][key]["new_tokens"] for g in by_ctx)
+    assert set(report["selfspec"]["selfspec"]["by_task"]) == {"kv_retrieval"}
+    per_prompt = report["selfspec"]["selfspec"]["per_prompt"]
+    assert len(per_prompt) == 2 * 3 and {p["context"] for p in per_prompt} == {300, 400}
+    h2o = [p for p in per_prompt if p["key"] == "h2o_0.5@4"]
+    assert sum(p["accepted"] for p in h2o) / sum(p["proposed"] for p in h2o) == pytest.approx(rows["h2o_0.5@4"]["alpha"])
     md = (tmp_path / "specbench.md").read_text()
-    assert "c = budget" in md and "| namm_0.5@4 | 0.5 |" in md
+    assert "| kv_retrieval | h2o_0.5@4 |" in md
+    assert "c = budget" in md and "| all | namm_0.5@4 | 0.5 |" in md and "| 300 | namm_0.5@4 | 0.5 |" in md
+    assert any(re.fullmatch(r"selfspec_namm_acceptance_400@0.5: [\d.]+ \(target: .*\)", x) for x in lines)
+    assert any(x.startswith("selfspec_namm_trained_acceptance@0.5: n/a (skipped") for x in lines)
     assert re.fullmatch(r"selfspec_namm_acceptance@0.5: [\d.]+ \(target: >= 0.9 and above h2o [\d.]+, "
                         r"streamingllm [\d.]+\)", lines[-1])
