@@ -103,14 +103,15 @@ def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, di
     """
     policies, skipped = selfspec_policies(suite)
     gamma, n_new = int(suite.gamma), int(suite.max_new_tokens)
-    acc: dict[tuple, SpecStats] = defaultdict(SpecStats)       # (key, context length or None = all)
+    acc: dict[tuple, SpecStats] = defaultdict(SpecStats)       # (key, group): group None (all prompts),
+    # ("context", length) or ("task", name)
     kv: dict[tuple, list[float]] = defaultdict(list)
     ok: dict[str, bool] = defaultdict(lambda: True)
     meta, per_prompt = {}, []
     for pid, ids, ctx, task in tqdm(prompts, desc=desc):
         x = torch.tensor([ids])
         ref, st = autoregressive_generate(target, x, n_new, eos_token_id=eos)
-        groups = (None, ctx, f"task:{task}")
+        groups = (None, ("context", ctx), ("task", task))
         for group in groups:
             acc[("target", group)] = acc[("target", group)].merge(st)
         for name, pol in policies.items():
@@ -127,17 +128,17 @@ def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, di
                 per_prompt.append({"id": pid, "task": task, "context": ctx, "key": key, "accepted": sum(s.accepted),
                                    "proposed": sum(s.proposed), "alpha": s.acceptance_rate if s.proposed else None,
                                    "kv_fraction": proposer.mean_kv_fraction, "lossless": same})
-    contexts = sorted({g for _, g in acc if isinstance(g, int)})
-    tasks = sorted({g for _, g in acc if isinstance(g, str)})
+    named = sorted({g for _, g in acc if g is not None})     # (kind, value) of every context and task
     info = {"gamma": gamma, "predicted_speedup_kv": KV_DOMINATED, "skipped": skipped, "policies": policies,
-            "by_context": {str(g): _selfspec_rows(acc, kv, meta, g, gamma) for g in contexts},
-            "by_task": {g.split(":", 1)[1]: _selfspec_rows(acc, kv, meta, g, gamma) for g in tasks},
+            **{f"by_{kind}": {str(v): _selfspec_rows(acc, kv, meta, (kind, v), gamma)
+                              for k, v in named if k == kind} for kind in ("context", "task")},
             "per_prompt": per_prompt}
     return _selfspec_rows(acc, kv, meta, None, gamma), dict(ok), info
 
 
 def _selfspec_rows(acc: dict, kv: dict, meta: dict, group, gamma: int) -> dict:
-    """Rows of one prompt group (a context length, or None for all prompts) of ``run_selfspec``."""
+    """Rows of one prompt group (``("context", length)``, ``("task", name)``, or None for all prompts) of
+    ``run_selfspec``."""
     base = acc[("target", group)]
     per_token = (base.target_time - base.prefill_time) / max(base.rounds, 1)
     rows = {k: summarize(s, base, per_token) for (k, g), s in acc.items() if g == group}
