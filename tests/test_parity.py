@@ -101,6 +101,46 @@ def test_token_features_and_scores(golden):
     np.testing.assert_allclose(ts.numpy()[valid], js[valid], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("feat", [
+    {}, {"n_fft": 64, "hop": 16}, {"n_fft": 24, "hop": 16}, {"n_fft": 16, "hop": 16},
+    {"output": "real_imag"}, {"window": "hann_symmetric", "ema_coeff": 0.9},
+], ids=["paper", "context_over_n", "hop_not_dividing", "no_context", "real_imag", "symmetric"])
+def test_token_features_query_major_matches_framed_reference(feat):
+    """The runtime's query-major features (EMA weight folded into each frame's DFT basis) and the JAX ones
+    equal the frame-by-frame reference (``stft_magnitudes`` + ``ema_reduce`` on each key's series),
+    on non-causal rows (so the new-key frame mask matters), scattered new keys, batch axes and
+    configs other than the paper's."""
+    from dataclasses import replace
+
+    cfg = NAMMConfig(features=replace(CFG.features, **feat))
+    c = cfg.features
+    rng = np.random.default_rng(3)
+    b, h, n, keys = 2, 3, 32, 45
+    rows = rng.random((b, h, n, keys)).astype(np.float32)
+    is_new = np.zeros((b, h, keys), bool)
+    is_new[..., rng.choice(keys, n, replace=False)] = True
+    recency = np.zeros((b, h, keys), np.int64)
+    recency[is_new] = np.tile(rng.permutation(n), b * h)
+    recency[~is_new] = n + rng.integers(0, 500, int((~is_new).sum()))
+    ctx = rng.random((b, h, keys, c.context)).astype(np.float32)
+    ema = rng.random((b, h, keys, c.spec_dim)).astype(np.float32)
+    # reference: frame each key's series [context | its attention column], STFT, EMA over frames
+    series = np.concatenate([np.where(is_new[..., None], 0.0, ctx), np.swapaxes(rows, -1, -2)], -1)
+    spec = jfeat.stft_magnitudes(jnp.asarray(series, jnp.float32), cfg)                     # [b, h, T, N, S]
+    want_ema = np.asarray(jfeat.ema_reduce(spec, ema, is_new, n - 1 - recency, cfg))
+    want_ctx = series[..., series.shape[-1] - c.context:]
+    got_t = tfeat.token_features(t(rows), t(ctx), t(ema), torch.from_numpy(is_new), torch.from_numpy(recency),
+                                 None, cfg)
+    got_j = [jfeat.token_features(rows[i], ctx[i], ema[i], is_new[i], recency[i], None, cfg) for i in range(b)]
+    for got_ema, got_ctx, got_feat in (
+        (got_t[1].numpy(), got_t[2].numpy(), got_t[0].numpy()),
+        tuple(np.stack([np.asarray(g[k]) for g in got_j]) for k in (1, 2, 0)),
+    ):
+        np.testing.assert_allclose(got_ema, want_ema, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_ctx, want_ctx, atol=1e-7)
+        np.testing.assert_allclose(got_feat[..., c.age_dim:], want_ema, rtol=1e-5, atol=1e-6)
+
+
 def test_mlp_scorer_parity():
     cfg = NAMMConfig(scorer=ScorerConfig(kind="mlp", mlp_depth=3, mlp_width=25, mlp_bias=True, mlp_residual=True))
     rng = np.random.default_rng(2)

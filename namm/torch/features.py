@@ -100,19 +100,19 @@ def age_frequencies(cfg, device=None) -> torch.Tensor:
     return (float(c.age_max_freq) ** (-i / half)).float()
 
 
-_AGE_TABLES: dict = {}
+_TABLES: dict = {}
 
 
 def age_table(cfg, device=None) -> torch.Tensor:
     """``[max_age + 1, age_dim]`` lookup table of the age embedding, computed in float64 (as the reference's table)."""
     c = _fcfg(cfg)
     key = (c.age_dim, c.age_max_freq, c.max_age, str(device))
-    if key not in _AGE_TABLES:
+    if key not in _TABLES:
         half = c.age_dim // 2
         f = float(c.age_max_freq) ** (-torch.arange(half, dtype=torch.float64) / half)
         arg = torch.arange(c.max_age + 1, dtype=torch.float64)[:, None] * f
-        _AGE_TABLES[key] = torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1).float().to(device)
-    return _AGE_TABLES[key]
+        _TABLES[key] = torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1).float().to(device)
+    return _TABLES[key]
 
 
 def age_embedding(recency: torch.Tensor, cfg) -> torch.Tensor:
@@ -125,6 +125,64 @@ def age_embedding(recency: torch.Tensor, cfg) -> torch.Tensor:
     return age_table(c, recency.device)[r]
 
 
+def _windowed_basis(c: FeatureConfig, num_frames: int, device) -> torch.Tensor:
+    """``[T, 2S, n_fft]``: frame t's analysis matrix ``w_t [win*cos | -win*sin]^T``, w_t >= 0 the EMA weight."""
+    key = ("basis", c.n_fft, c.hop, c.window, c.ema_coeff, num_frames, str(device))
+    if key not in _TABLES:
+        bins = c.n_fft // 2 + 1
+        w = torch.arange(c.n_fft, dtype=torch.float64)[:, None]
+        f = torch.arange(bins, dtype=torch.float64)[None, :]
+        ang = 2 * torch.pi * torch.remainder(w * f, c.n_fft) / c.n_fft
+        win = window(c).double()[:, None]
+        basis = torch.cat([win * torch.cos(ang), -win * torch.sin(ang)], 1).T  # [2S, n_fft]
+        weights = ema_weights(num_frames, c).double()
+        _TABLES[key] = (weights[:, None, None] * basis[None]).float().to(device)
+    return _TABLES[key]
+
+
+def _ema_spectrum(ctx_q: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, first_new: int,
+                  c: FeatureConfig) -> torch.Tensor:
+    """The EMA-weighted spectrogram sum of one head, query-major: -> ``[N, S]``.
+
+    ctx_q ``[n_fft - hop, N]`` (left context, oldest first) and rows ``[n, N]`` (the new queries'
+    attention) hold each key's series down a column; mask ``[T, N]`` (float) is ``frame_mask``, all
+    ones before column ``first_new``. Returns ``sum_t m_tk w_t |X_t|_k`` (or ``[Re | Im]`` for
+    ``output == "real_imag"``), w the EMA weights.
+
+    Because w_t >= 0, ``w_t |X_t| = |w_t X_t|``: the weight is folded into frame t's DFT basis, so the
+    frames are transformed by batched matmuls straight from the attention rows (no transpose, no
+    framing or concatenation copy): with n_fft = r * hop, frame t is hop-row blocks t .. t+r-1 of
+    [context; rows], each multiplied by its slice of the basis and accumulated.
+    """
+    n, n_keys = rows.shape
+    T, hop = n // c.hop, c.hop
+    basis = _windowed_basis(c, T, rows.device)  # [T, 2S, n_fft]
+    if c.n_fft % hop == 0:
+        n_ctx = c.n_fft // hop - 1  # context blocks
+        ctx_blocks = ctx_q.reshape(n_ctx, hop, n_keys)
+        row_blocks = rows.reshape(T, hop, n_keys)
+        # the last block of every frame is a row block: that product starts the sum
+        z = torch.bmm(basis[:, :, n_ctx * hop :], row_blocks)  # [T, 2S, N]
+        for j in range(n_ctx):
+            part = basis[:, :, j * hop : (j + 1) * hop]
+            split = min(n_ctx - j, T)  # frames [0, split) read context blocks j.., the rest row blocks 0..
+            for lo, hi, src in ((0, split, ctx_blocks[j : j + split]), (split, T, row_blocks[: T - split])):
+                if hi > lo:
+                    z[lo:hi].baddbmm_(part[lo:hi], src)
+    else:
+        series = torch.cat([ctx_q, rows], dim=0)  # [L, N]
+        frames = series.as_strided((T, c.n_fft, n_keys), (hop * n_keys, n_keys, 1))
+        z = torch.bmm(basis, frames)  # [T, 2S, N]
+    if c.output == "real_imag":
+        spec = z
+    else:
+        bins = c.n_fft // 2 + 1
+        spec = torch.hypot(z[:, :bins], z[:, bins:])  # [T, S, N] = w_t |X_t|
+    if first_new < n_keys:  # only new keys have frames masked out
+        spec[..., first_new:].mul_(mask[:, None, first_new:])
+    return spec.sum(0).T  # [N, S]
+
+
 def token_features(rows, left_context, ema_old, is_new, recency, norm, cfg):
     """One update's features, as ``namm.features.token_features``.
 
@@ -133,23 +191,35 @@ def token_features(rows, left_context, ema_old, is_new, recency, norm, cfg):
     a new key's index in the block is j = n - 1 - recency), norm ``(mean [S], var [S])`` or None.
     Returns (features ``[..., H, N, F]`` = [age | normalised EMA], raw ema ``[..., H, N, S]``,
     next left context ``[..., H, N, n_fft - hop]``).
+
+    Computed query-major (``_ema_spectrum``): the same numbers as framing each key's series,
+    ``stft_magnitudes`` and ``ema_reduce``, at a fraction of the memory traffic.
     """
     c = _fcfg(cfg)
-    n = rows.shape[-2]
+    n, n_keys = rows.shape[-2], rows.shape[-1]
     if n % c.hop:
         raise ValueError(f"token_features: {n} new queries is not a multiple of hop={c.hop}")
-    r = rows.float().transpose(-1, -2)  # [..., H, N, n]
+    rows = rows.float()
     ctx = torch.where(is_new[..., None], torch.zeros_like(left_context, dtype=torch.float32), left_context.float())
-    series = torch.cat([ctx, r], dim=-1)  # [..., H, N, n + n_fft - hop]
+    ctx_q = ctx.transpose(-1, -2)  # [..., H, n_fft - hop, N]
+    decay_old = torch.where(is_new[..., None], torch.zeros_like(ema_old, dtype=torch.float32), ema_old.float())
     if n == 0:  # an update with fewer than hop new queries (end of an odd-length prefill): no new frame,
         # so the EMA stands as it is and new keys, not yet seen by any frame, count zero
-        ema = torch.where(is_new[..., None], torch.zeros_like(ema_old, dtype=torch.float32), ema_old.float())
+        ema = decay_old
     else:
-        spec = _spectrogram(series, c)  # [..., H, N, T, S]
-        ema = _ema_from_nts(spec, ema_old, is_new, n - 1 - recency, c)
+        T = n // c.hop
+        mask = frame_mask(is_new, n - 1 - recency, T, c).float().transpose(-1, -2)  # [..., H, T, N]
+        flat_new = is_new.reshape(-1, n_keys)
+        first_new = torch.where(flat_new.any(-1), flat_new.int().argmax(-1), n_keys).tolist()
+        flat_c, flat_r = ctx_q.reshape(len(first_new), c.context, n_keys), rows.reshape(-1, n, n_keys)
+        flat_m = mask.reshape(-1, T, n_keys)
+        fresh = torch.stack([_ema_spectrum(flat_c[i], flat_r[i], flat_m[i], first_new[i], c)
+                             for i in range(len(first_new))])
+        ema = float(c.ema_coeff) ** n * decay_old + fresh.reshape(decay_old.shape)  # gamma^n E_old [old] + fresh
     x = ema if norm is None else normalize(ema, norm[0], norm[1], c.norm_eps)
     feats = torch.cat([age_embedding(recency, c), x], dim=-1)
-    next_ctx = series[..., series.shape[-1] - (c.n_fft - c.hop):]
+    tail = rows if n >= c.context else torch.cat([ctx_q, rows], dim=-2)  # the series' last n_fft - hop rows
+    next_ctx = tail[..., tail.shape[-2] - c.context :, :].transpose(-1, -2)
     return feats, ema, next_ctx
 
 
