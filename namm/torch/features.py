@@ -72,21 +72,6 @@ def frame_mask(is_new: torch.Tensor, new_index: torch.Tensor, num_frames: int, c
     return torch.where(is_new[..., None], t >= block, torch.ones_like(t, dtype=torch.bool))
 
 
-def _ema_from_nts(spec_nts, ema_old, is_new, new_index, c: FeatureConfig) -> torch.Tensor:
-    num_frames = spec_nts.shape[-2]
-    w = ema_weights(num_frames, c, spec_nts.device)  # [T]
-    m = frame_mask(is_new, new_index, num_frames, c).float()  # [..., N, T]
-    decay = float(c.ema_coeff) ** (num_frames * c.hop)  # gamma^n_new
-    fresh = torch.einsum("...nt,...nts->...ns", m * w, spec_nts)
-    # E_k = gamma^n_new E_old_k [k old] + sum_t (1 - beta) beta^(T-1-t) m_tk S_tk
-    return torch.where(is_new[..., None], torch.zeros_like(fresh), decay * ema_old.float()) + fresh
-
-
-def ema_reduce(spec, ema_old, is_new, new_index, cfg) -> torch.Tensor:
-    """spec ``[..., T, N, S]``, ema_old ``[..., N, S]``, is_new/new_index ``[..., N]`` -> ``[..., N, S]``."""
-    return _ema_from_nts(spec.movedim(-3, -2), ema_old, is_new, new_index, _fcfg(cfg))
-
-
 def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """x <- (x - mean) / max(sqrt(var), eps), per feature."""
     return (x - mean) / torch.clamp(torch.sqrt(var), min=eps)
@@ -192,8 +177,9 @@ def token_features(rows, left_context, ema_old, is_new, recency, norm, cfg):
     Returns (features ``[..., H, N, F]`` = [age | normalised EMA], raw ema ``[..., H, N, S]``,
     next left context ``[..., H, N, n_fft - hop]``).
 
-    Computed query-major (``_ema_spectrum``): the same numbers as framing each key's series,
-    ``stft_magnitudes`` and ``ema_reduce``, at a fraction of the memory traffic.
+    Computed query-major (``_ema_spectrum``): the same numbers as framing each key's series and
+    reducing its spectrogram over frames (``namm.features.stft_magnitudes`` + ``ema_reduce``, the
+    reference it is tested against), at a fraction of the memory traffic.
     """
     c = _fcfg(cfg)
     n, n_keys = rows.shape[-2], rows.shape[-1]
@@ -263,7 +249,6 @@ __all__ = [
     "NormStats",
     "age_embedding",
     "age_frequencies",
-    "ema_reduce",
     "ema_weights",
     "frame_mask",
     "gqa_average",
