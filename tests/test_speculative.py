@@ -117,3 +117,20 @@ def test_bad_input_is_refused(models, tmp_path):
 def _save(model, path):
     model.save_pretrained(path / "other")
     return path / "other"
+
+
+def test_humaneval_headline_reports_the_best_distilled_draft_against_prompt_lookup():
+    from experiments.specbench import humaneval_headline
+
+    row = lambda speedup, alpha=0.0, c=0.0: {"speedup": speedup, "alpha": alpha, "c": c}  # noqa: E731
+    report = {"drafts": {"undistilled": "d0", "fkl": "d1", "tvd": "d2"}, "results": {"humaneval": {
+        "target": row(1.0), "hf_target": row(1.02), "prompt_lookup@4": row(1.6), "hf_prompt_lookup@4": row(1.5),
+        "fkl@2": row(0.8, 0.2, 0.1), "fkl@4": row(0.9, 0.15, 0.1), "tvd@4": row(0.7), "undistilled@4": row(0.95),
+        "hf_assisted_fkl@4": row(0.4)}}}
+    lines = humaneval_headline(report)
+    assert lines[0] == "humaneval_fastest_method: prompt_lookup@4 (1.600x)"
+    assert lines[1] == "humaneval_prompt_lookup_speedup: 1.600 (prompt_lookup@4)"
+    # the undistilled draft (faster here) is not a distilled draft; the target names prompt lookup's figure
+    assert lines[-1] == ("humaneval_draft_speedup: 0.900 (fkl@4; acceptance 0.150, c 0.100) "
+                         "(target: >= 1.5 and above prompt lookup's 1.600)")
+    assert humaneval_headline({"drafts": {}, "results": {"selfspec": {}}}) == []
