@@ -5,7 +5,7 @@
 The target (SmolLM2 by default) holds ``--context`` tokens of essay text in its KV cache; each timed
 call feeds n new tokens and is cropped back, so every call sees the same cache. Two ways of running
 the same weights are interleaved in one run: plain ``nn.Linear`` (``F.linear``) and
-``spec_decode.torch.linear.SmallBatchLinear`` (``weight @ x.T`` for 2-16 rows). A draft of length
+``spec_decode.torch.linear.SmallBatchLinear`` (``weight @ x.T`` for 2 to ``--max-rows`` rows, default 6). A draft of length
 gamma is verified with n = gamma + 1 tokens, so ``cost(n) / cost(1)`` is what one verification costs
 in decode steps: the smaller, the more a speculative round saves. Also reports the largest logit
 difference between the two ways (float rounding only). Writes a JSON file, prints a table, and the
@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from spec_decode.torch.linear import DEFAULT_MAX_ROWS
+
 log = logging.getLogger("bench_verify")
 
 TARGET_SPEEDUP = 1.0   # the few-row path must not be slower than F.linear at gamma + 1 = 5 rows
@@ -33,6 +35,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=512, help="tokens already in the KV cache")
     ap.add_argument("--repeats", type=int, default=9, help="timed calls per (rows, mode); the median is kept")
     ap.add_argument("--model", default="smollm2", help="model spec for experiments.models.load_model")
+    ap.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="largest row count on the few-row path")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (specbench's default is 1)")
     ap.add_argument("--out", default="outputs/bench_verify.json")
     args = ap.parse_args(argv)
@@ -40,8 +43,8 @@ def main(argv=None) -> dict:
         ap.error(f"--rows {args.rows}: every value must be >= 1 and 1 (the decode step) must be among them")
     if 5 not in args.rows:
         ap.error("--rows must include 5 (gamma = 4, the headline)")
-    if args.context < 1 or args.repeats < 1:
-        ap.error("--context and --repeats must be >= 1")
+    if args.context < 1 or args.repeats < 1 or args.max_rows < 2:
+        ap.error("--context and --repeats must be >= 1, --max-rows >= 2")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import torch
@@ -65,7 +68,7 @@ def main(argv=None) -> dict:
         for rep in tqdm(range(args.repeats + 1), desc="repeats"):
             for n in args.rows:
                 logits = {}
-                for mode, max_rows in (("plain", 1), ("small_batch", 16)):
+                for mode, max_rows in (("plain", 1), ("small_batch", args.max_rows)):
                     use_small_batch_linear(model, max_rows)
                     t0 = time.perf_counter()
                     logits[mode] = model(new[:, :n], past_key_values=cache, use_cache=True).logits
@@ -81,7 +84,8 @@ def main(argv=None) -> dict:
              "small_batch_vs_decode_step": ms["small_batch", n] / ms["plain", 1],
              "speedup": ms["plain", n] / ms["small_batch", n]} for n in args.rows]
     headline = next(r["speedup"] for r in rows if r["rows"] == 5)
-    result = {"model": args.model, "context": args.context, "repeats": args.repeats, "device": "cpu",
+    result = {"model": args.model, "context": args.context, "repeats": args.repeats, "max_rows": args.max_rows,
+              "device": "cpu",
               "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
               "rows": rows, "max_abs_logit_diff": max_diff, "verify5_speedup": headline,
               "target": {"verify5_speedup": f"> {TARGET_SPEEDUP}"}}

@@ -7,8 +7,8 @@ For every prompt (HumanEval test problems; long-context prompts of the built-in 
 back to back, so that CPU contention hits them alike: target-only greedy (our loop, the baseline; and
 ``generate``), our loop with each draft at each draft length, prompt lookup (our loop), transformers
 assisted generation and transformers prompt lookup. Every output is compared with target-only greedy
-token for token (``lossless``). With ``small_batch_linear`` (default 16) the target's and the drafts' linear
-layers compute 2-16-row products as ``weight @ x.T`` (``spec_decode.torch.linear``): verification calls
+token for token (``lossless``). With ``small_batch_linear`` (default 6) the target's and the drafts' linear
+layers compute 2-6-row products as ``weight @ x.T`` (``spec_decode.torch.linear``): verification calls
 cost fewer decode steps on CPU, one-token decoding is unchanged. Writes ``specbench.json``, ``specbench.md`` and
 ``speedup_vs_draft_length.png``; the headline is printed last.
 
