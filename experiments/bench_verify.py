@@ -21,8 +21,6 @@ import statistics
 import time
 from pathlib import Path
 
-from spec_decode.torch.linear import DEFAULT_MAX_ROWS
-
 log = logging.getLogger("bench_verify")
 
 TARGET_SPEEDUP = 1.0   # the few-row path must not be slower than F.linear at gamma + 1 = 5 rows
@@ -35,7 +33,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=512, help="tokens already in the KV cache")
     ap.add_argument("--repeats", type=int, default=9, help="timed calls per (rows, mode); the median is kept")
     ap.add_argument("--model", default="smollm2", help="model spec for experiments.models.load_model")
-    ap.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="largest row count on the few-row path")
+    ap.add_argument("--max-rows", type=int, default=None,
+                    help="largest row count on the few-row path (default: spec_decode.torch.linear.DEFAULT_MAX_ROWS)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (specbench's default is 1)")
     ap.add_argument("--out", default="outputs/bench_verify.json")
     args = ap.parse_args(argv)
@@ -43,7 +42,7 @@ def main(argv=None) -> dict:
         ap.error(f"--rows {args.rows}: every value must be >= 1 and 1 (the decode step) must be among them")
     if 5 not in args.rows:
         ap.error("--rows must include 5 (gamma = 4, the headline)")
-    if args.context < 1 or args.repeats < 1 or args.max_rows < 2:
+    if args.context < 1 or args.repeats < 1 or (args.max_rows is not None and args.max_rows < 2):
         ap.error("--context and --repeats must be >= 1, --max-rows >= 2")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -54,9 +53,10 @@ def main(argv=None) -> dict:
     from experiments.bench_runtime import context_ids
     from experiments.models import load_model
     from namm.shards import atomic_write_json
-    from spec_decode.torch.linear import use_small_batch_linear
+    from spec_decode.torch.linear import DEFAULT_MAX_ROWS, use_small_batch_linear
 
     torch.set_num_threads(args.threads)
+    args.max_rows = args.max_rows or DEFAULT_MAX_ROWS
     model, tokenizer = load_model(args.model)
     ids = context_ids(tokenizer, args.context + max(args.rows), model.config.vocab_size)
     ctx, new = ids[:, : args.context], ids[:, args.context:]

@@ -172,9 +172,9 @@ def run(cfg: DictConfig) -> dict:
     drafts = {}
     if "draft" in kinds.values():
         drafts = {name: DraftHandle.from_pretrained(path, target, tok) for name, path in cfg.drafts.items() if path}
-    rows = int(cfg.get("small_batch_linear") or 1)
+    few_rows = int(cfg.get("small_batch_linear") or 1)
     for model in [target] + [d.model for d in drafts.values()]:
-        use_small_batch_linear(model, rows)
+        use_small_batch_linear(model, few_rows)
     gammas = list(cfg.draft_lengths)
     results, lossless, selfspec = {}, {}, {}
     for suite_name, suite in suites.items():

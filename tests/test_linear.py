@@ -10,6 +10,7 @@ from torch import nn
 from experiments.models import tiny_random
 from spec_decode.torch import (PromptLookupProposer, SmallBatchLinear, autoregressive_generate, speculative_generate,
                                use_small_batch_linear)
+from spec_decode.torch.linear import DEFAULT_MAX_ROWS
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -67,7 +68,8 @@ def test_bench_verify_writes_json_and_headline(tmp_path, capsys):
                              "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [r["rows"] for r in saved["rows"]] == [1, 2, 5] and saved["verify5_speedup"] == res["verify5_speedup"] > 0
-    assert saved["max_abs_logit_diff"] < 1e-4
+    assert saved["max_abs_logit_diff"] < 1e-4 and saved["max_rows"] == DEFAULT_MAX_ROWS
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("verify5_speedup: ")
     with pytest.raises(SystemExit):
         bench_verify.main(["--rows", "2", "5"])                              # 1 (the decode step) is required
+
