@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     from spec_decode.torch.linear import DEFAULT_MAX_ROWS, use_small_batch_linear
 
     torch.set_num_threads(args.threads)
-    args.max_rows = args.max_rows or DEFAULT_MAX_ROWS
+    few_rows = args.max_rows or DEFAULT_MAX_ROWS
     model, tokenizer = load_model(args.model)
     ids = context_ids(tokenizer, args.context + max(args.rows), model.config.vocab_size)
     ctx, new = ids[:, : args.context], ids[:, args.context:]
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
         for rep in tqdm(range(args.repeats + 1), desc="repeats"):
             for n in args.rows:
                 logits = {}
-                for mode, max_rows in (("plain", 1), ("small_batch", args.max_rows)):
+                for mode, max_rows in (("plain", 1), ("small_batch", few_rows)):
                     use_small_batch_linear(model, max_rows)
                     t0 = time.perf_counter()
                     logits[mode] = model(new[:, :n], past_key_values=cache, use_cache=True).logits
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
              "small_batch_vs_decode_step": ms["small_batch", n] / ms["plain", 1],
              "speedup": ms["plain", n] / ms["small_batch", n]} for n in args.rows]
     headline = next(r["speedup"] for r in rows if r["rows"] == 5)
-    result = {"model": args.model, "context": args.context, "repeats": args.repeats, "max_rows": args.max_rows,
+    result = {"model": args.model, "context": args.context, "repeats": args.repeats, "max_rows": few_rows,
               "device": "cpu",
               "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
               "rows": rows, "max_abs_logit_diff": max_diff, "verify5_speedup": headline,

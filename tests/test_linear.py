@@ -72,4 +72,3 @@ def test_bench_verify_writes_json_and_headline(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("verify5_speedup: ")
     with pytest.raises(SystemExit):
         bench_verify.main(["--rows", "2", "5"])                              # 1 (the decode step) is required
-
