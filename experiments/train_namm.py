@@ -168,8 +168,10 @@ def train(cfg) -> dict:
 
         base = {"name": str(cfg.model.get("name")), **{k: sig[k] for k in ("num_layers", "num_kv_heads",
                                                                            "num_q_heads", "head_dim")}}
+        trained_budget = fit_cfg.get("policy_budget") if fit_name == "stats" else None
         export_dir = save_pretrained(out_dir / "namm_policy", np.asarray(solution_mean, np.float32), namm_cfg,
-                                     norm, base)
+                                     norm, base, trained_budget=trained_budget)
+    references = _heldout_references(eval_fit, s_cfg, solution_mean, cfg) if fit_name == "stats" else {}
     hist = result.history
     summary = {"stage": str(cfg.run.name), "fitness": fit_name, "generation": result.generation,
                "best_heldout_fitness": None if not np.isfinite(result.best_eval) else result.best_eval,
@@ -177,7 +179,8 @@ def train(cfg) -> dict:
                "last_train_fitness_best": hist[-1]["fitness/best"] if hist else None,
                "train_prompts": len(train_idx), "heldout_prompts": len(held_idx),
                "num_params": num_params(namm_cfg), "ckpt_dir": str(ckpt_dir),
-               "export_dir": str(export_dir) if export_dir else None, "wall_s": round(time.time() - t0, 1)}
+               "export_dir": str(export_dir) if export_dir else None, "heldout_references": references,
+               "wall_s": round(time.time() - t0, 1)}
     atomic_write_json(out_dir / "train_summary.json", summary)
     value = summary["best_heldout_fitness"]
     if value is None:
@@ -185,6 +188,27 @@ def train(cfg) -> dict:
     print(f"{fit_name}_fitness_of_mean: {value} (target: > full cache's; stats: 1 - error - budget term, "
           f"task: 1.0 = full-cache parity)")
     return summary
+
+
+def _heldout_references(eval_fit, s_cfg, solution_mean, cfg) -> dict:
+    """The solution and the hand-designed baselines (``reference_baselines``) on the held-out prompts under
+    the same simulation, each at the stage's budget (``policy_budget``, else ``budget_target``)."""
+    names = list(_plain(cfg.get("reference_baselines")) or [])
+    if eval_fit is None or not names:
+        return {}
+    from namm import baselines as jbase
+
+    budget = s_cfg.policy_budget if s_cfg.policy_budget is not None else s_cfg.budget_target
+    items = np.arange(eval_fit.num_items)
+    fit = float(eval_fit.evaluate(np.asarray(solution_mean, np.float32)[None], items)[0])
+    out = {"namm": {"fitness": fit, "error": float(eval_fit.last_details["error"][0]),
+                    "kept_fraction": float(eval_fit.last_details["kept_fraction"][0])}}
+    for name in names:
+        out[f"{name}@{budget}"] = eval_fit.evaluate_policy(jbase.make_baseline(name, budget=budget), items, name)
+    lines = [f"{'policy':<20} {'fitness':>8} {'error':>8} {'kept':>6}"]
+    lines += [f"{k:<20} {v['fitness']:>8.4f} {v['error']:>8.4f} {v['kept_fraction']:>6.3f}" for k, v in out.items()]
+    log.info("held-out prompts, same simulation:\n%s", "\n".join(lines))
+    return out
 
 
 def _norm_params(norm):

@@ -72,12 +72,15 @@ def save_pretrained(
     norm_stats,
     base_model: Mapping[str, Any],
     shared_across_layers_heads: bool = True,
+    trained_budget: float | int | None = None,
 ) -> Path:
     """Write the policy directory; returns its path.
 
     params_flat: ``[P]`` (shared, the paper's setting) or ``[num_layers, num_kv_heads, P]``.
     norm_stats: ``(mean [S], var [S])``, a ``NormParams``/``NormStats``, or None (identity).
     base_model: the model's signature ``{name, num_layers, num_kv_heads, num_q_heads, head_dim}``.
+    trained_budget: the runtime cap the policy was evolved under (``fitness.policy_budget``); the
+    runtime applies it when no ``budget`` is given.
     """
     missing = [k for k in BASE_MODEL_KEYS if k not in base_model]
     if missing:
@@ -103,6 +106,8 @@ def save_pretrained(
         "num_params": num_params(cfg),
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
+    if trained_budget is not None:
+        meta["trained_budget"] = trained_budget
     atomic_write_json(out / CONFIG_NAME, meta)
     return out
 

@@ -46,6 +46,7 @@ from namm.config import NAMMConfig
 from namm.features import NormParams, NormStats
 from namm.policy import Policy, make_policy
 from namm.scoring import num_params
+from namm.selection import budget_cap
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class StatsFitnessConfig:
     error_cap: float = 1.0          # per-query relative L2 error is clipped here (sinks; see above)
     budget_target: float = 0.5      # target kept fraction of the cache seen by the scored queries
     budget_weight: float = 1.0      # lambda of the cache-budget term
+    policy_budget: float | int | None = None  # runtime cap the candidates run under (NAMMPolicy budget=...)
     layers: tuple[int, ...] | None = None  # model layers to simulate (None: every recorded layer)
     pop_chunk: int = 1              # candidates computed together on a device (lax.map batch size)
     max_tokens: int | None = None   # drop prompts longer than this (None: keep all)
@@ -87,6 +89,11 @@ class StatsFitnessConfig:
             raise FitnessError(f"fitness: unknown key(s) {unknown}; valid keys are {sorted(names)}")
         if d.get("layers") is not None:
             d["layers"] = tuple(int(x) for x in d["layers"])
+        if d.get("policy_budget") is not None:
+            try:
+                budget_cap(d["policy_budget"], 1)
+            except ValueError as e:
+                raise FitnessError(f"fitness.policy_budget: {e}") from None
         return cls(**d)
 
 
@@ -314,7 +321,7 @@ class StatsFitness:
         population = jnp.asarray(population, jnp.float32)
         if population.ndim != 2 or population.shape[1] != self.num_params:
             raise FitnessError(f"population has shape {tuple(population.shape)}, expected [P, {self.num_params}]")
-        policy = make_policy(self.namm_cfg, self.norm)
+        policy = make_policy(self.namm_cfg, self.norm, budget=self.cfg.policy_budget)
         fn = self._compiled(("namm", population.shape[0]), policy, population.shape[0])
         out = np.asarray(fn(population, *self._arrays(items)))
         self.last_details = {"error": out[:, 1], "kept_fraction": out[:, 2]}

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from namm.config import NAMMConfig
 from namm.features import NormParams, NormStats, token_features
 from namm.scoring import score_tokens
-from namm.selection import select
+from namm.selection import budget_cap, select
 
 Array = jax.Array
 
@@ -107,12 +107,14 @@ def _as_norm(norm_stats) -> NormParams | None:
 
 
 def update(params_flat: Array, norm_stats, state: PolicyState, attention_rows: Array, positions: Array,
-           valid: Array, cfg: NAMMConfig) -> tuple[PolicyState, Array, Array]:
+           valid: Array, cfg: NAMMConfig, budget: float | int | None = None) -> tuple[PolicyState, Array, Array]:
     """One NAMM step for one layer.
 
     params_flat ``[P]``; norm_stats: ``NormParams`` (frozen mean/var ``[S]``), a ``NormStats`` (finalised
     here) or None (no normalisation); attention_rows ``[Hkv, n, C]``; positions ``[C]`` or ``[Hkv, C]``;
-    valid ``[Hkv, C]``. Returns (new_state, scores ``[Hkv, C]``, keep ``[Hkv, C]``).
+    valid ``[Hkv, C]``; budget: optional cap as the runtime's ``NAMMPolicy(budget=...)`` applies it (a
+    token count, or a fraction of the tokens seen = newest position + 1). Returns (new_state, scores
+    ``[Hkv, C]``, keep ``[Hkv, C]``).
     """
     _check_shapes(state, attention_rows, valid, cfg.features.hop)
     valid = jnp.asarray(valid, bool)
@@ -120,26 +122,32 @@ def update(params_flat: Array, norm_stats, state: PolicyState, attention_rows: A
     feats, ema, ctx = token_features(attention_rows, state.left_context, state.ema, is_new, recency,
                                      _as_norm(norm_stats), cfg)            # [H, C, F], [H, C, S], [H, C, ctx]
     scores = score_tokens(params_flat, cfg, feats, valid, order=pos)     # [H, C]
-    keep = select(scores, valid, newest, cfg.selection)                  # [H, C]
+    cap = None if budget is None else budget_cap(budget, jnp.max(jnp.where(valid, pos, -1)) + 1)
+    keep = select(scores, valid, newest, cfg.selection, cap)             # [H, C]
     new_state = PolicyState(ema=jnp.where(keep[..., None], ema, 0.0),
                             left_context=jnp.where(keep[..., None], ctx, 0.0),
                             positions=pos, valid=keep)
     return new_state, scores, keep
 
 
-def make_update(cfg: NAMMConfig, norm_stats=None) -> Callable:
-    """``(params, state, attention_rows, positions, valid) -> (new_state, scores, keep)`` with cfg and norm bound."""
+def make_update(cfg: NAMMConfig, norm_stats=None, budget: float | int | None = None) -> Callable:
+    """``(params, state, attention_rows, positions, valid) -> (new_state, scores, keep)`` with cfg, norm and budget bound."""
     norm = _as_norm(norm_stats)
+    if budget is not None:
+        budget_cap(budget, 1)  # validates
 
     def step(params, state, attention_rows, positions, valid):
-        return update(params, norm, state, attention_rows, positions, valid, cfg)
+        return update(params, norm, state, attention_rows, positions, valid, cfg, budget)
 
     return step
 
 
-def make_policy(cfg: NAMMConfig, norm_stats=None) -> Policy:
-    """NAMM behind the common ``Policy`` interface (``keys``, ``rng``, ``layer`` are accepted and unused)."""
-    step = make_update(cfg, norm_stats)
+def make_policy(cfg: NAMMConfig, norm_stats=None, budget: float | int | None = None) -> Policy:
+    """NAMM behind the common ``Policy`` interface (``keys``, ``rng``, ``layer`` are accepted and unused).
+
+    ``budget``: the runtime cap (``NAMMPolicy(budget=...)``) simulated on top of the threshold.
+    """
+    step = make_update(cfg, norm_stats, budget)
 
     def policy_update(params, state, attention_rows, positions, valid, *, keys=None, rng=None, layer=None):
         return step(params, state, attention_rows, positions, valid)

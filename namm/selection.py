@@ -2,7 +2,8 @@
 
 Shapes: H = KV heads of one layer, N = cache slots. For each head:
   1. invalid (padding / evicted) slots score -inf; the newest token scores +inf (always kept);
-  2. optional hard cap: only the ``top_k`` best tokens are candidates;
+  2. optional hard caps: only the ``top_k`` best tokens are candidates, and only the ``cap`` best
+     (a traced count: the runtime's ``budget``, see ``budget_cap``);
   3. a token is kept iff score >= threshold (exactly 0 is kept, so all-zero params keep everything);
   4. ``masked``: that per-head mask is the result. ``ragged_max`` (official): K = the largest
      per-head kept count of the layer; every head keeps its K best-scoring valid tokens (so heads
@@ -39,14 +40,34 @@ def masked_scores(scores: Array, valid: Array, newest: Array) -> Array:
     return jnp.where(newest & valid, jnp.inf, s)
 
 
-def select(scores: Array, valid: Array, newest: Array, cfg: SelectionConfig = SelectionConfig()) -> Array:
-    """Keep mask ``[H, N]`` from scores ``[H, N]``, validity ``[H, N]`` and the newest-token mask ``[H, N]``."""
+def budget_cap(budget: float | int, seen: Array) -> Array:
+    """A runtime budget as a token count: an int as is, a fraction of the ``seen`` tokens rounded (>= 1).
+
+    The same rule as the PyTorch runtime's ``namm.torch.selection.budget_tokens`` (round half to even).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+        raise ValueError(f"budget={budget!r}; use a token count (int >= 1) or a fraction 0 < b <= 1")
+    if isinstance(budget, float) and budget <= 1.0:
+        return jnp.maximum(1, jnp.round(budget * jnp.asarray(seen, jnp.float32))).astype(jnp.int32)
+    if isinstance(budget, float) and not budget.is_integer():
+        raise ValueError(f"budget={budget!r}; a fraction must be <= 1, a token count an integer")
+    return jnp.asarray(int(budget), jnp.int32)
+
+
+def select(scores: Array, valid: Array, newest: Array, cfg: SelectionConfig = SelectionConfig(),
+           cap: Array | None = None) -> Array:
+    """Keep mask ``[H, N]`` from scores ``[H, N]``, validity ``[H, N]`` and the newest-token mask ``[H, N]``.
+
+    ``cap``: optional traced token count applied like ``top_k`` (the runtime's budget).
+    """
     s = masked_scores(scores, valid, newest)
     cand = valid & (s >= cfg.threshold)                                    # keep at s >= 0
-    if cfg.top_k is not None or cfg.mode == "ragged_max":
+    if cfg.top_k is not None or cap is not None or cfg.mode == "ragged_max":
         rank = rank_desc(s)
     if cfg.top_k is not None:
         cand = cand & (rank < int(cfg.top_k))                              # hard cap before the threshold
+    if cap is not None:
+        cand = cand & (rank < cap)
     if cfg.mode == "masked":
         return cand
     k = jnp.max(jnp.sum(cand, axis=-1))                                    # ragged max over the layer's heads

@@ -56,6 +56,19 @@ def test_round_trip(tmp_path, model):
     assert out.token_ids == ref.token_ids and out.stored_tokens == ref.stored_tokens
 
 
+def test_trained_budget_is_the_default_runtime_cap(tmp_path, model):
+    rng = np.random.default_rng(1)
+    flat = rng.normal(size=num_params(CFG)).astype(np.float32)
+    norm = (np.zeros(17, np.float32), np.ones(17, np.float32))
+    save_pretrained(tmp_path / "p", flat, CFG, norm, model_signature(model), trained_budget=0.5)
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["trained_budget"] == 0.5
+    assert NAMMPolicy.from_pretrained(tmp_path / "p").budget == 0.5
+    assert NAMMPolicy.from_pretrained(tmp_path / "p", budget=0.25).budget == 0.25   # an explicit budget wins
+    assert build_policy({"name": "namm", "path": str(tmp_path / "p")}).budget == 0.5
+    export(tmp_path / "q", model)
+    assert NAMMPolicy.from_pretrained(tmp_path / "q").budget is None                 # no cap unless trained with one
+
+
 def test_bad_files(tmp_path, model):
     export(tmp_path / "p", model)
     weights = tmp_path / "p" / "model.safetensors"

@@ -125,6 +125,30 @@ def test_population_members_are_independent(fit):
     assert np.all(f <= 1.0) and abs(f[0] - f[1]) > 1e-6
 
 
+def test_policy_budget_simulates_the_runtime_cap():
+    """Under ``policy_budget`` every candidate keeps exactly the cap, as a baseline at that budget does;
+    without it, the same NAMM with its threshold off keeps everything."""
+    from dataclasses import replace
+
+    cfg = replace(CFG, selection=replace(CFG.selection, threshold=-1e30))
+    fcfg = replace(FCFG, policy_budget=0.5, budget_weight=0.0)
+    capped = StatsFitness(load_stats_data(synthetic_prompts(), cfg, fcfg), cfg, fcfg)
+    items = np.arange(capped.num_items)
+    pop = jnp.concatenate([jnp.zeros((1, num_params(cfg))),
+                           0.2 * jax.random.normal(jax.random.key(1), (1, num_params(cfg)))])
+    f = capped.evaluate(pop, items)
+    kept = capped.last_details["kept_fraction"]
+    h2o = capped.evaluate_policy(baselines.make_baseline("h2o", budget=0.5), items, "h2o")
+    np.testing.assert_allclose(kept, h2o["kept_fraction"], atol=1e-6)
+    assert np.all(kept < 0.9)                                # the cap evicts (no cap: everything kept)
+    uncapped = StatsFitness(load_stats_data(synthetic_prompts(), cfg, FCFG), cfg, FCFG)
+    uncapped.evaluate(pop[:1], items)
+    assert uncapped.last_details["kept_fraction"][0] == pytest.approx(1.0)
+    assert np.all(f <= 1.0) and np.all(np.isfinite(f))
+    with pytest.raises(FitnessError, match="policy_budget"):
+        StatsFitnessConfig.from_mapping({"policy_budget": 1.5})
+
+
 def test_bad_input(fit):
     with pytest.raises(FitnessError, match="expected"):
         fit.evaluate(jnp.zeros((2, 5)), np.arange(1))

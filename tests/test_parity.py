@@ -152,6 +152,23 @@ def test_mlp_scorer_parity():
     np.testing.assert_allclose(ts.numpy(), js, rtol=1e-5, atol=1e-5)
 
 
+def test_traced_cap_equals_top_k():
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=(3, 50)).astype(np.float32)
+    valid = rng.random((3, 50)) > 0.2
+    newest = np.asarray(jsel.newest_mask(np.broadcast_to(np.arange(50), (3, 50)).astype(np.int32), valid))
+    for mode in ("ragged_max", "masked"):
+        sel = SelectionConfig(mode=mode, threshold=-1e30)
+        capped = jax.jit(lambda c: jsel.select(scores, valid, newest, sel, c))(jnp.int32(12))
+        assert (np.asarray(capped) == np.asarray(jsel.select(scores, valid, newest, SelectionConfig(mode=mode, threshold=-1e30, top_k=12)))).all()
+        assert np.asarray(capped).sum(-1).max() == 12
+    assert int(jsel.budget_cap(0.5, 333)) == tsel.budget_tokens(0.5, 333) == 166  # round half to even
+    assert int(jsel.budget_cap(0.25, 10)) == tsel.budget_tokens(0.25, 10) == 2
+    assert int(jsel.budget_cap(7, 100)) == 7
+    with pytest.raises(ValueError, match="budget"):
+        jsel.budget_cap(1.5, 10)
+
+
 @pytest.mark.parametrize("sel", [SelectionConfig(), SelectionConfig(mode="masked"), SelectionConfig(top_k=20)])
 def test_selection_parity(sel):
     rng = np.random.default_rng(3)
@@ -167,11 +184,14 @@ def test_selection_parity(sel):
     assert (tk.numpy() == jk).all()
 
 
-@pytest.mark.parametrize("mode", ["ragged_max", "masked"])
-def test_policy_step_parity(golden, mode):
-    """One full NAMM update (features + BAM + selection): same scores and same kept tokens."""
+@pytest.mark.parametrize("mode,budget", [("ragged_max", None), ("masked", None), ("ragged_max", 0.1),
+                                         ("masked", 0.1), ("ragged_max", 20)])
+def test_policy_step_parity(golden, mode, budget):
+    """One full NAMM update (features + BAM + selection, with or without a runtime budget): same
+    scores and same kept tokens. The JAX side takes the tokens seen from the newest position. Under a
+    budget the threshold is off, so the cap is what binds."""
     g = golden
-    cfg = NAMMConfig(selection=SelectionConfig(mode=mode))
+    cfg = NAMMConfig(selection=SelectionConfig(mode=mode, threshold=0.0 if budget is None else -1e30))
     state = jpolicy.PolicyState(
         ema=jnp.asarray(g["ema"]), left_context=jnp.asarray(g["ctx"]),
         positions=jnp.asarray(np.where(np.arange(S) < S_OLD, g["positions"], 0)[None].repeat(H, 0)),
@@ -179,9 +199,9 @@ def test_policy_step_parity(golden, mode):
     )
     valid = np.ones((H, S), bool)
     _, jscores, jkeep = jpolicy.update(
-        g["flat"], (g["mean"], g["var"]), state, g["rows"], g["positions"], valid, cfg
+        g["flat"], (g["mean"], g["var"]), state, g["rows"], g["positions"], valid, cfg, budget
     )
-    policy = NAMMPolicy.from_flat(t(g["flat"]), cfg, (g["mean"], g["var"]))
+    policy = NAMMPolicy.from_flat(t(g["flat"]), cfg, (g["mean"], g["var"]), budget=budget)
     out = policy.update(
         {"ema": t(g["ema"][:, :S_OLD])[None], "left_context": t(g["ctx"][:, :S_OLD])[None]},
         t(g["rows"])[None], t(g["keys"])[None], torch.from_numpy(g["positions"]).long().expand(1, H, S),
@@ -190,6 +210,8 @@ def test_policy_step_parity(golden, mode):
     np.testing.assert_allclose(out.scores[0].numpy(), np.asarray(jscores), rtol=1e-5, atol=1e-5)
     jkeep = np.asarray(jkeep)
     assert 0 < jkeep.sum() < jkeep.size  # the golden case really evicts
+    if budget is not None:  # 0.1 of the 332 tokens seen -> 33; 20 tokens
+        assert jkeep.sum(-1).max() == (33 if budget == 0.1 else 20)
     tkeep = np.zeros((H, S), bool)
     idx = out.keep[0].numpy()
     flags = np.ones_like(idx, bool) if out.valid is None else out.valid[0].numpy()

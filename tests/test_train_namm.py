@@ -47,6 +47,23 @@ def test_stats_stage_exports_and_resumes(stage1):
     assert again["generation"] == 2 and len((stage / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_capped_stage_exports_its_budget(stage1):
+    """``run=builtin_cap50``: stage 1's ES state evolved under the runtime cap; the export carries it."""
+    from namm.torch.policy import NAMMPolicy
+
+    tmp_path, _ = stage1
+    cap = train(_cfg(tmp_path, "builtin_cap50", "evolution.generations=1", "evolution.eval_every=0", *STATS))
+    best1 = json.loads(str(np.load(tmp_path / "builtin_i1" / "evolution" / "best.npz")["info_json"]))["generation"]
+    assert cap["generation"] == best1 + 1
+    rows = [json.loads(l) for l in (tmp_path / "builtin_cap50" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["fitness/kept_fraction_mean"] < 0.9       # the cap evicts although the threshold is off
+    refs = cap["heldout_references"]                          # same simulation, same held-out prompt
+    assert set(refs) == {"namm", "h2o@0.5", "snapkv@0.5", "streamingllm@0.5", "l2@0.5"}
+    assert refs["namm"]["kept_fraction"] == pytest.approx(refs["h2o@0.5"]["kept_fraction"], abs=1e-6)
+    policy = NAMMPolicy.from_pretrained(tmp_path / "builtin_cap50" / "namm_policy")
+    assert policy.budget == 0.5 and policy.cfg.selection.threshold == -1e30
+
+
 @pytest.mark.slow  # the task fitness generates with the runtime for every candidate (minutes on 2 cores)
 def test_task_stage_continues_the_stats_stage(stage1):
     """Stage 3 (task fitness) starts from stage 1's best ES state and inherits the frozen norm stats."""

@@ -154,7 +154,8 @@ class NAMMPolicy(TorchPolicy):
     def from_pretrained(cls, path, **overrides) -> "NAMMPolicy":
         """Load a policy directory written by ``namm.export.save_pretrained``.
 
-        overrides: budget, chunk_size, update_interval, final_update, mode, threshold, top_k.
+        overrides: budget, chunk_size, update_interval, final_update, mode, threshold, top_k. A policy
+        evolved under a cap (``trained_budget`` in its config) runs at that cap unless ``budget`` is given.
         """
         path = Path(path)
         cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -199,6 +200,8 @@ class NAMMPolicy(TorchPolicy):
         for name, shape in meta["param_layout"]:
             if name not in params:
                 raise PolicyFormatError(f"{w_path}: missing parameter {name!r}; re-export the policy")
+        if overrides.get("budget") is None and meta.get("trained_budget") is not None:
+            overrides["budget"] = meta["trained_budget"]
         return cls(
             cfg,
             params,
