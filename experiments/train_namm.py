@@ -25,6 +25,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+# The runtime schedule of fitness=agreement: no update during the prefill, one at its end.
+AGREEMENT_SCHEDULE = {"update_interval": 0, "final_update": True}
+
+
 def _plain(x: Any) -> Any:
     from omegaconf import OmegaConf
 
@@ -43,6 +47,18 @@ def evolution_config(cfg):
     e = dict(_plain(cfg.evolution))
     e.pop("name", None)
     return EvolutionConfig(**e)
+
+
+RUNTIME_FITNESS_KEYS = {"task": {"compress_question", "max_new_tokens"},
+                        "agreement": {"policy_budget", "compress_question", "max_answer_tokens", "cache_prompts"}}
+
+
+def _check_keys(fit_name: str, fit_cfg: dict, allowed: set[str]) -> None:
+    from namm.fitness import FitnessError
+
+    unknown = sorted(set(fit_cfg) - allowed)
+    if unknown:
+        raise FitnessError(f"fitness={fit_name} does not take {unknown}; its keys: {sorted(allowed)}")
 
 
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,8 +103,10 @@ def train(cfg) -> dict:
     es_cfg = evolution_config(cfg)
     fit_cfg = dict(_plain(cfg.fitness))
     fit_name = fit_cfg.pop("name", None)
-    if fit_name not in ("stats", "task"):
-        raise FitnessError(f"fitness={fit_name!r}; use fitness=stats or fitness=task")
+    if fit_name not in ("stats", "task", "agreement"):
+        raise FitnessError(f"fitness={fit_name!r}; use fitness=stats, fitness=task or fitness=agreement")
+    if fit_name in RUNTIME_FITNESS_KEYS:
+        _check_keys(fit_name, fit_cfg, RUNTIME_FITNESS_KEYS[fit_name])
     init_from = cfg.run.get("init_from")
     if init_from and not Path(str(init_from)).exists() and not (ckpt_dir / "latest.npz").exists():
         raise FitnessError(f"run.init_from={init_from} does not exist; run the previous stage first "
@@ -125,8 +143,6 @@ def train(cfg) -> dict:
         eval_fit = (StatsFitness(load_stats_data([prompts[i] for i in held_idx], namm_cfg, s_cfg), namm_cfg, s_cfg,
                                  norm=train_fit.norm) if len(held_idx) else None)
     else:
-        from experiments.task_fitness import TaskFitness
-
         if norm is None:
             from experiments.tasks import build_prompts
             from namm.torch.policy import calibrate_norm_stats
@@ -135,13 +151,25 @@ def train(cfg) -> dict:
             norm = tuple(x.numpy() for x in calibrate_norm_stats(
                 model, [torch.tensor([p.ids]) for p in ps], namm_cfg, progress=bool(cfg.get("progress", True))))
             _save_norm(norm_path, norm)
-        ref = _stats_references(str(cfg.stats_dir), rows)
-        common = dict(chat=chat, max_context=max_context, compress_question=bool(fit_cfg.get("compress_question", True)),
-                      reference=ref, reference_path=out_dir / "full_cache_scores.json",
-                      max_new_tokens=fit_cfg.get("max_new_tokens"))
-        train_fit = TaskFitness(model, tokenizer, [rows[i] for i in train_idx], namm_cfg, norm, **common)
-        eval_fit = TaskFitness(model, tokenizer, [rows[i] for i in held_idx], namm_cfg, norm,
-                               **common) if len(held_idx) else None
+        if fit_name == "task":
+            from experiments.task_fitness import TaskFitness as Fitness
+
+            common = dict(compress_question=bool(fit_cfg.get("compress_question", True)),
+                          reference=_stats_references(str(cfg.stats_dir), rows),
+                          reference_path=out_dir / "full_cache_scores.json",
+                          max_new_tokens=fit_cfg.get("max_new_tokens"))
+        else:
+            from experiments.agreement_fitness import AgreementFitness as Fitness
+
+            common = dict(budget=fit_cfg.get("policy_budget"),
+                          compress_question=bool(fit_cfg.get("compress_question", True)),
+                          max_answer_tokens=fit_cfg.get("max_answer_tokens"),
+                          cache_prompts=bool(fit_cfg.get("cache_prompts", True)),
+                          answers_path=out_dir / "full_cache_answers.json", progress=bool(cfg.get("progress", True)))
+        common.update(chat=chat, max_context=max_context)
+        train_fit = Fitness(model, tokenizer, [rows[i] for i in train_idx], namm_cfg, norm, **common)
+        eval_fit = Fitness(model, tokenizer, [rows[i] for i in held_idx], namm_cfg, norm,
+                           **common) if len(held_idx) else None
 
     logging_cfg = cfg.get("logging") or {}
     tracker = Tracker(out_dir, config=_plain(cfg), mode=str(logging_cfg.get("wandb_mode", "offline")),
@@ -168,10 +196,16 @@ def train(cfg) -> dict:
 
         base = {"name": str(cfg.model.get("name")), **{k: sig[k] for k in ("num_layers", "num_kv_heads",
                                                                            "num_q_heads", "head_dim")}}
-        trained_budget = fit_cfg.get("policy_budget") if fit_name == "stats" else None
+        trained_budget = fit_cfg.get("policy_budget") if fit_name in ("stats", "agreement") else None
+        schedule = AGREEMENT_SCHEDULE if fit_name == "agreement" else None
         export_dir = save_pretrained(out_dir / "namm_policy", np.asarray(solution_mean, np.float32), namm_cfg,
-                                     norm, base, trained_budget=trained_budget)
-    references = _heldout_references(eval_fit, s_cfg, solution_mean, cfg) if fit_name == "stats" else {}
+                                     norm, base, trained_budget=trained_budget, trained_schedule=schedule)
+    references = {}
+    if fit_name == "stats":
+        references = _heldout_references(eval_fit, s_cfg.policy_budget if s_cfg.policy_budget is not None
+                                         else s_cfg.budget_target, solution_mean, cfg)
+    elif fit_name == "agreement":
+        references = _heldout_references(eval_fit, fit_cfg.get("policy_budget"), solution_mean, cfg)
     hist = result.history
     summary = {"stage": str(cfg.run.name), "fitness": fit_name, "generation": result.generation,
                "best_heldout_fitness": None if not np.isfinite(result.best_eval) else result.best_eval,
@@ -186,28 +220,35 @@ def train(cfg) -> dict:
     if value is None:
         value = summary["last_train_fitness_mean"]
     print(f"{fit_name}_fitness_of_mean: {value} (target: > full cache's; stats: 1 - error - budget term, "
-          f"task: 1.0 = full-cache parity)")
+          f"task: 1.0 = full-cache parity, agreement: 1.0 = full-cache outputs reproduced)")
     return summary
 
 
-def _heldout_references(eval_fit, s_cfg, solution_mean, cfg) -> dict:
-    """The solution and the hand-designed baselines (``reference_baselines``) on the held-out prompts under
-    the same simulation, each at the stage's budget (``policy_budget``, else ``budget_target``)."""
+def _heldout_references(eval_fit, budget, solution_mean, cfg) -> dict:
+    """The solution and the hand-designed baselines (``reference_baselines``) on the held-out prompts under the
+    same fitness, each at the stage's budget: the JAX baselines in the ``stats`` simulation, the runtime's
+    (``namm.torch``, the agreement schedule) under the ``agreement`` fitness."""
     names = list(_plain(cfg.get("reference_baselines")) or [])
     if eval_fit is None or not names:
         return {}
-    from namm import baselines as jbase
-
-    budget = s_cfg.policy_budget if s_cfg.policy_budget is not None else s_cfg.budget_target
     items = np.arange(eval_fit.num_items)
     fit = float(eval_fit.evaluate(np.asarray(solution_mean, np.float32)[None], items)[0])
-    out = {"namm": {"fitness": fit, "error": float(eval_fit.last_details["error"][0]),
-                    "kept_fraction": float(eval_fit.last_details["kept_fraction"][0])}}
+    details = {k: float(v[0]) for k, v in eval_fit.last_details.items()}
+    out = {"namm": {"fitness": fit, **details}}
     for name in names:
-        out[f"{name}@{budget}"] = eval_fit.evaluate_policy(jbase.make_baseline(name, budget=budget), items, name)
-    lines = [f"{'policy':<20} {'fitness':>8} {'error':>8} {'kept':>6}"]
-    lines += [f"{k:<20} {v['fitness']:>8.4f} {v['error']:>8.4f} {v['kept_fraction']:>6.3f}" for k, v in out.items()]
-    log.info("held-out prompts, same simulation:\n%s", "\n".join(lines))
+        if hasattr(eval_fit, "policy_for"):  # a runtime fitness
+            from namm.torch.policies import build_policy
+
+            policy = build_policy({"name": name, "budget": budget, **AGREEMENT_SCHEDULE})
+            out[f"{name}@{budget}"] = eval_fit.evaluate_policy(policy, items)
+        else:
+            from namm import baselines as jbase
+
+            out[f"{name}@{budget}"] = eval_fit.evaluate_policy(jbase.make_baseline(name, budget=budget), items, name)
+    cols = [k for k in ("fitness", "error", "token_match", "kept_fraction") if k in out["namm"]]
+    lines = [f"{'policy':<20} " + " ".join(f"{c:>13}" for c in cols)]
+    lines += [f"{k:<20} " + " ".join(f"{v[c]:>13.4f}" for c in cols) for k, v in out.items()]
+    log.info("held-out prompts, same fitness:\n%s", "\n".join(lines))
     return out
 
 

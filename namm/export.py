@@ -65,6 +65,9 @@ def named_params(params_flat, cfg: NAMMConfig, lead: tuple[int, ...] = ()) -> di
     return out
 
 
+SCHEDULE_KEYS = ("chunk_size", "update_interval", "final_update")
+
+
 def save_pretrained(
     path,
     params_flat,
@@ -73,6 +76,7 @@ def save_pretrained(
     base_model: Mapping[str, Any],
     shared_across_layers_heads: bool = True,
     trained_budget: float | int | None = None,
+    trained_schedule: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the policy directory; returns its path.
 
@@ -81,6 +85,8 @@ def save_pretrained(
     base_model: the model's signature ``{name, num_layers, num_kv_heads, num_q_heads, head_dim}``.
     trained_budget: the runtime cap the policy was evolved under (``fitness.policy_budget``); the
     runtime applies it when no ``budget`` is given.
+    trained_schedule: the runtime schedule the policy was evolved under (``update_interval``,
+    ``final_update``, ``chunk_size``); the runtime applies each key that is not given explicitly.
     """
     missing = [k for k in BASE_MODEL_KEYS if k not in base_model]
     if missing:
@@ -108,6 +114,11 @@ def save_pretrained(
     }
     if trained_budget is not None:
         meta["trained_budget"] = trained_budget
+    if trained_schedule:
+        unknown = set(trained_schedule) - set(SCHEDULE_KEYS)
+        if unknown:
+            raise ExportError(f"trained_schedule takes {list(SCHEDULE_KEYS)}, got {sorted(unknown)}")
+        meta["trained_schedule"] = dict(trained_schedule)
     atomic_write_json(out / CONFIG_NAME, meta)
     return out
 

@@ -27,6 +27,8 @@ parity). ``items`` index the backend's prompts; all candidates of a generation s
   candidates are mapped inside one jit, sharded over ``jax.devices()`` with ``shard_map``.
 
 - ``task`` (``experiments.task_fitness``, PyTorch): the paper's fitness through the runtime.
+- ``agreement`` (``experiments.agreement_fitness``, PyTorch): acceptance of the full-cache greedy answer
+  through the cache one eviction at the end of the prefill leaves (prefill and features shared).
 """
 
 from __future__ import annotations

@@ -69,6 +69,18 @@ def test_trained_budget_is_the_default_runtime_cap(tmp_path, model):
     assert NAMMPolicy.from_pretrained(tmp_path / "q").budget is None                 # no cap unless trained with one
 
 
+def test_trained_schedule_is_the_default_runtime_schedule(tmp_path, model):
+    flat = np.zeros(num_params(CFG), np.float32)
+    save_pretrained(tmp_path / "p", flat, CFG, None, model_signature(model),
+                    trained_schedule={"update_interval": 0, "final_update": True})
+    p = NAMMPolicy.from_pretrained(tmp_path / "p")
+    assert (p.update_interval, p.final_update, p.chunk_size) == (0, True, CFG.features.chunk_size)
+    p = build_policy({"name": "namm", "path": str(tmp_path / "p"), "update_interval": 512, "final_update": False})
+    assert (p.update_interval, p.final_update) == (512, False)                      # explicit knobs win
+    with pytest.raises(ExportError, match="trained_schedule"):
+        save_pretrained(tmp_path / "r", flat, CFG, None, model_signature(model), trained_schedule={"budget": 1})
+
+
 def test_bad_files(tmp_path, model):
     export(tmp_path / "p", model)
     weights = tmp_path / "p" / "model.safetensors"

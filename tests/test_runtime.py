@@ -155,6 +155,33 @@ def test_generate_one_shot_prefill_stays_bounded(models):
     assert max(cache.stored_tokens()) <= 40 + 32
 
 
+def test_end_of_prefill_update_follows_a_last_chunk_of_one_token(models):
+    """A prompt of k * chunk + 1 tokens: the 1-token last chunk is still prefill (not model.generate's first decode
+    step), so the end-of-prefill update sees every prompt token and keeps exactly the budget."""
+    model = models["llama"]
+    chunk = SMALL["chunk_size"]
+    ids = ids_of(3 * chunk + 1, seed=9)
+    out = greedy_generate(model, ids, None, 1, policy=build_policy({"name": "h2o", "budget": 0.5, **SMALL}))
+    want = resolve_budget(0.5, ids.shape[1])
+    assert out.stored_tokens == [want, want] and out.seen_tokens == ids.shape[1]
+
+
+def test_fork_shares_the_tokens_and_evolves_independently(models):
+    from namm.torch.cache import FullPolicy
+    from namm.torch.generate import prefill
+
+    model = models["llama"]
+    cache = FullPolicy().make_cache(model)
+    with torch.no_grad():
+        prefill(model, cache, ids_of(50, seed=10))
+        fork = cache.fork(model, FullPolicy())
+        fork.layers[0].gather(torch.arange(10)[None, None].expand(1, fork.layers[0].keys.shape[1], 10))
+        prefill(model, fork, ids_of(3, seed=11))
+    assert fork.policy is not cache.policy and all(layer.policy is fork.policy for layer in fork.layers)
+    assert cache.stored_tokens() == [50, 50] and cache.seen_tokens == 50
+    assert fork.stored_tokens() == [13, 53] and fork.seen_tokens == 53
+
+
 def test_full_policy_equals_plain_greedy(models):
     model = models["llama"]
     model.set_attn_implementation("sdpa")

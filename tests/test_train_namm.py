@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.train_namm import split_heldout, train
+from namm.fitness import FitnessError
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 TINY = ["model=tiny_random", "task.tasks=[passkey]", "task.context_lengths=[256]", "task.n=4",
@@ -64,6 +65,25 @@ def test_capped_stage_exports_its_budget(stage1):
     assert cap["heldout_references"] == {}
     policy = NAMMPolicy.from_pretrained(tmp_path / "builtin_cap50" / "namm_policy")
     assert policy.budget == 0.5 and policy.cfg.selection.threshold == -1e30
+
+
+def test_agreement_stage_exports_its_budget_and_schedule(stage1):
+    """``run=builtin_agree50``: stage 1's ES state under the agreement fitness; the export carries the cap and the
+    one-eviction schedule, and the held-out references run the runtime baselines under the same fitness."""
+    from namm.torch.policy import NAMMPolicy
+
+    tmp_path, _ = stage1
+    s = train(_cfg(tmp_path, "builtin_agree50", "evolution.generations=1", "fitness.max_answer_tokens=3"))
+    best1 = json.loads(str(np.load(tmp_path / "builtin_i1" / "evolution" / "best.npz")["info_json"]))["generation"]
+    assert s["fitness"] == "agreement" and s["generation"] == best1 + 1
+    refs = s["heldout_references"]
+    assert refs["namm"]["fitness"] == pytest.approx(s["best_heldout_fitness"], abs=1e-6)
+    assert 0.0 < refs["h2o@0.5"]["fitness"] <= 1.0 and refs["h2o@0.5"]["kept_fraction"] <= 0.51
+    assert (tmp_path / "builtin_agree50" / "full_cache_answers.json").exists()
+    policy = NAMMPolicy.from_pretrained(tmp_path / "builtin_agree50" / "namm_policy")
+    assert (policy.budget, policy.update_interval, policy.final_update) == (0.5, 0, True)
+    with pytest.raises(FitnessError, match=r"does not take \['max_new_tokens'\]"):   # a key of another fitness
+        train(_cfg(tmp_path, "builtin_agree50", "+fitness.max_new_tokens=3"))
 
 
 @pytest.mark.slow  # the task fitness generates with the runtime for every candidate (minutes on 2 cores)

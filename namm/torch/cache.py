@@ -161,7 +161,8 @@ class NAMMLayer(DynamicLayer):
                 "loop over the sequences"
             )
         q_len = key_states.shape[-2]
-        if q_len == 1 and self.last_q_len > 1 and not self.prefill_closed:
+        explicit = self.owner is not None and self.owner.explicit_prefill
+        if q_len == 1 and self.last_q_len > 1 and not self.prefill_closed and not explicit:
             self.close_prefill()  # model.generate: the first decode step follows the prefill
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -349,7 +350,24 @@ class NAMMCache(Cache):
         if model.config._attn_implementation != name:
             model.set_attn_implementation(name)
         self.peak_bytes = 0
+        self.explicit_prefill = False  # set by generate.prefill: the caller ends the prefill (end_prefill)
         super().__init__(layers=[NAMMLayer(policy, i, self) for i in range(config.num_hidden_layers)])
+
+    def fork(self, model, policy: TorchPolicy) -> "NAMMCache":
+        """A new cache for ``model``, run by ``policy``, holding this cache's tokens, positions and policy state.
+
+        Tensors are shared, not copied: cache operations (append, gather, crop) replace a layer's tensors
+        and never write into them, so the two caches evolve independently.
+        """
+        new = NAMMCache(model, policy)
+        for src, dst in zip(self.layers, new.layers):
+            for key, value in vars(src).items():
+                if key in ("policy", "owner", "layer_idx"):
+                    continue
+                setattr(dst, key, list(value) if isinstance(value, list) else
+                        dict(value) if isinstance(value, dict) else value)
+        new.peak_bytes = self.peak_bytes
+        return new
 
     def track_bytes(self) -> None:
         """Record the peak of the physical K/V bytes (called after every append)."""

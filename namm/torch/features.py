@@ -205,7 +205,8 @@ def token_features(rows, left_context, ema_old, is_new, recency, norm, cfg):
     x = ema if norm is None else normalize(ema, norm[0], norm[1], c.norm_eps)
     feats = torch.cat([age_embedding(recency, c), x], dim=-1)
     tail = rows if n >= c.context else torch.cat([ctx_q, rows], dim=-2)  # the series' last n_fft - hop rows
-    next_ctx = tail[..., tail.shape[-2] - c.context :, :].transpose(-1, -2)
+    # a copy, not a view: a view would keep the whole [..., n, N] attention rows alive until the next update
+    next_ctx = tail[..., tail.shape[-2] - c.context :, :].transpose(-1, -2).contiguous()
     return feats, ema, next_ctx
 
 

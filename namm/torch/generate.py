@@ -42,6 +42,7 @@ def _forward(model, cache: NAMMCache, ids: torch.Tensor) -> torch.Tensor:
 def prefill(model, cache: NAMMCache, ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Feed ``ids [1, T]`` in chunks ending at logical multiples of ``chunk_size``; returns the last logits."""
     chunk = chunk_size or cache.chunk_size or DEFAULT_CHUNK
+    cache.explicit_prefill = True  # a last chunk of one token is still prefill: the caller calls end_prefill
     total = ids.shape[1]
     pos, logits = 0, None
     while pos < total:

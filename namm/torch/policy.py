@@ -155,7 +155,8 @@ class NAMMPolicy(TorchPolicy):
         """Load a policy directory written by ``namm.export.save_pretrained``.
 
         overrides: budget, chunk_size, update_interval, final_update, mode, threshold, top_k. A policy
-        evolved under a cap (``trained_budget`` in its config) runs at that cap unless ``budget`` is given.
+        evolved under a cap (``trained_budget`` in its config) runs at that cap unless ``budget`` is given;
+        likewise its ``trained_schedule`` (chunk_size, update_interval, final_update) for keys not given.
         """
         path = Path(path)
         cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -202,6 +203,9 @@ class NAMMPolicy(TorchPolicy):
                 raise PolicyFormatError(f"{w_path}: missing parameter {name!r}; re-export the policy")
         if overrides.get("budget") is None and meta.get("trained_budget") is not None:
             overrides["budget"] = meta["trained_budget"]
+        for key, value in (meta.get("trained_schedule") or {}).items():
+            if overrides.get(key) is None:
+                overrides[key] = value
         return cls(
             cfg,
             params,
@@ -247,11 +251,12 @@ class NAMMPolicy(TorchPolicy):
             return None
         return self.norm[0].to(device), self.norm[1].to(device)
 
-    def update(self, state, rows, keys, positions, valid, n_new, seen, layer_idx, final):
-        """rows ``[B, H, n_new, S]`` -> new state (EMA ``[B, H, S, 17]``, left context ``[B, H, S, 16]``) + keep."""
+    def features(self, state, rows, positions, valid, n_new):
+        """The candidate-independent half of an update: rows ``[B, H, n_new, S]`` -> (features
+        ``[B, H, S, F]``, EMA ``[B, H, S, 17]``, left context ``[B, H, S, 16]``, validity ``[B, H, S]``)."""
         c = self.cfg.features
         b, h, s = positions.shape
-        device = keys.device
+        device = positions.device
         s_old = s - n_new
         drop = rows.shape[-2] % c.hop
         if drop:  # a late update (one-shot prefill): frames align with the newest queries
@@ -262,15 +267,26 @@ class NAMMPolicy(TorchPolicy):
         valid_full = torch.ones(b, h, s, dtype=torch.bool, device=device) if valid is None else valid
         recency = positions.amax(dim=-1, keepdim=True) - positions  # [B, H, S], newest 0
         feats, ema, next_ctx = F.token_features(rows, ctx_old, ema_old, is_new, recency, self._norm(device), c)
-        if self.stats_accumulator is not None:
-            self.stats_accumulator.update(ema, valid_full)
-        scores = scoring.score_tokens(self._layer_params(layer_idx, device), self.cfg, feats, valid)
+        return feats, ema, next_ctx, valid_full
+
+    def select_tokens(self, params, feats, positions, valid, seen):
+        """Scores of ``params`` on ``feats`` and the kept tokens: (keep ``[B, H, S]`` bool, scores, selection)."""
+        valid_full = torch.ones(positions.shape, dtype=torch.bool, device=positions.device) if valid is None else valid
+        scores = scoring.score_tokens(params, self.cfg, feats, valid)
         sel = self.cfg.selection
         if self.budget is not None:
             cap = selection.budget_tokens(self.budget, seen)
             sel = replace(sel, top_k=cap if sel.top_k is None else min(cap, sel.top_k))
         newest = selection.newest_mask(positions, valid_full)
-        keep = selection.select(scores, valid_full, newest, sel)
+        return selection.select(scores, valid_full, newest, sel), scores, sel
+
+    def update(self, state, rows, keys, positions, valid, n_new, seen, layer_idx, final):
+        """rows ``[B, H, n_new, S]`` -> new state (EMA ``[B, H, S, 17]``, left context ``[B, H, S, 16]``) + keep."""
+        feats, ema, next_ctx, valid_full = self.features(state, rows, positions, valid, n_new)
+        if self.stats_accumulator is not None:
+            self.stats_accumulator.update(ema, valid_full)
+        keep, scores, sel = self.select_tokens(self._layer_params(layer_idx, keys.device), feats, positions, valid,
+                                               seen)
         new_state = {"ema": ema, "left_context": next_ctx}
         if bool(keep.all()):
             return PolicyUpdate(state=new_state, scores=scores)

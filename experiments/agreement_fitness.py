@@ -1,0 +1,264 @@
+"""The ``agreement`` fitness: how faithfully the model with a compressed cache reproduces the full cache.
+
+    fit = AgreementFitness(model, tokenizer, rows, namm_cfg, norm, chat=False, max_context=8192, budget=0.5)
+    fit.evaluate(population [P, D], items [B]) -> [P]
+
+Schedule: the runtime's ``NAMMPolicy(budget=b, update_interval=0, final_update=True)`` - the prompt is
+prefilled with the full cache and the policy evicts once, at the end of the prefill, from the attention
+of every prompt query (the regime of SnapKV-style prompt compression). Everything before that eviction
+is the same for every candidate, so per prompt it is computed once and shared by the population: the
+prefilled cache, each layer's NAMM features, the full-cache greedy answer and the full-cache next-token
+distributions along it. Per candidate only the scoring network, the cap, the eviction (the runtime's own
+``NAMMPolicy.select_tokens`` and ``NAMMLayer.gather``) and one forward of the answer through the
+compressed cache remain.
+
+Measure of a prompt: the mean, over the answer positions whose prediction reads the evicted cache, of
+``sum_v min(p_full(v), p_cache(v))`` - the acceptance rate of the compressed-cache model as a speculative
+draft of the full-cache one (Leviathan et al. 2023, eq. 3's alpha), 1.0 when every distribution is
+reproduced. Greedy decoding reproduces the full cache's answer, and so its task score, while every argmax
+is reproduced (reported as ``token_match``). With the question inside compression (default) the first
+answer token comes from the prefill logits, before the eviction, and is not scored. Fitness: the
+unweighted mean over tasks of the mean over the task's prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from namm.config import NAMMConfig
+from namm.shards import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class AgreementFitnessError(ValueError):
+    """A bad ``fitness=agreement`` setting."""
+
+
+@dataclass
+class _Shared:
+    """Candidate-independent state of one prompt (see the module docstring)."""
+
+    cache: object               # NAMMCache after the prefill, before any eviction
+    features: list              # per layer: (features [1, H, S, F], positions [1, H, S], valid or None, seen)
+    tail: object                # LongTensor [1, n]: tokens fed after the eviction
+    scored: slice               # tail positions whose logits predict an answer token
+    p_full: object              # [m, V] full-cache next-token distributions at those positions
+
+
+def acceptance(p_full, logits) -> tuple[float, float]:
+    """``(mean_t sum_v min(p_full, softmax(logits)), fraction of argmax(logits) == argmax(p_full))``."""
+    import torch
+
+    if p_full.shape[0] == 0:
+        return 1.0, 1.0
+    q = torch.softmax(logits.double(), -1)
+    acc = torch.minimum(p_full, q).sum(-1).mean()
+    match = (q.argmax(-1) == p_full.argmax(-1)).double().mean()
+    return float(acc), float(match)
+
+
+class AgreementFitness:
+    def __init__(self, model, tokenizer, rows: Sequence[Mapping], namm_cfg: NAMMConfig, norm, *, chat: bool,
+                 max_context: int | None, budget, compress_question: bool = True, max_answer_tokens: int | None = None,
+                 cache_prompts: bool = True, answers_path: str | Path | None = None,
+                 templates: Mapping[str, str] | None = None, progress: bool = False):
+        from experiments.extract import eos_ids
+        from experiments.tasks import build_prompts
+        from namm.torch.selection import budget_tokens
+
+        if not rows:
+            raise AgreementFitnessError("agreement fitness: no prompts; check task=... and split=...")
+        if budget is None:
+            raise AgreementFitnessError("fitness=agreement needs fitness.policy_budget (the cache kept after the "
+                                        "prefill: a fraction of the prompt like 0.5, or a token count)")
+        try:
+            budget_tokens(budget, 1)
+        except (TypeError, ValueError) as e:
+            raise AgreementFitnessError(f"fitness.policy_budget={budget!r}: {e}") from None
+        if max_answer_tokens is not None and int(max_answer_tokens) < 1:
+            raise AgreementFitnessError(f"fitness.max_answer_tokens={max_answer_tokens}; use null or an int >= 1")
+        self.model, self.tokenizer, self.rows = model, tokenizer, list(rows)
+        self.namm_cfg, self.budget = namm_cfg, budget
+        self.norm = None if norm is None else tuple(np.asarray(x, np.float32) for x in norm)
+        self.prompts = build_prompts(self.rows, tokenizer, chat, max_context, templates)
+        self.compress_question = bool(compress_question)
+        self.max_answer_tokens = None if max_answer_tokens is None else int(max_answer_tokens)
+        self.cache_prompts = bool(cache_prompts)
+        self.eos = eos_ids(model, tokenizer)
+        self.progress = progress
+        self.last_details: dict = {}
+        self._shared: dict[int, _Shared] = {}
+        self.answers_path = Path(answers_path) if answers_path else None
+        self._answers: dict[str, list[int]] = {}
+        if self.answers_path and self.answers_path.exists():
+            self._answers = json.loads(self.answers_path.read_text())
+
+    @property
+    def num_items(self) -> int:
+        return len(self.rows)
+
+    # --- the runtime policy of a candidate ---------------------------------------------------------
+    def policy_for(self, flat):
+        """The candidate as the runtime runs it: ``NAMMPolicy`` with this fitness' budget and schedule."""
+        from namm.torch.policy import NAMMPolicy
+
+        return NAMMPolicy.from_flat(np.array(flat, np.float32), self.namm_cfg, self.norm, budget=self.budget,
+                                    update_interval=0, final_update=True)
+
+    # --- per prompt, once --------------------------------------------------------------------------
+    def _split(self, i: int):
+        """(tokens compressed, tokens fed after the eviction before the answer) of prompt ``i``."""
+        p = self.prompts[i]
+        if self.compress_question or not p.question_ids:
+            return list(p.context_ids) + list(p.question_ids), []
+        return list(p.context_ids), list(p.question_ids)
+
+    def _answer(self, i: int) -> list[int]:
+        """The full-cache greedy answer (the task's stop strings, EOS and token limit); kept in ``answers_path``."""
+        from experiments.extract import generate_answer
+        from experiments.tasks import get_spec
+
+        spec = get_spec(self.rows[i]["dataset"])
+        n = spec.max_new_tokens if self.max_answer_tokens is None else min(spec.max_new_tokens, self.max_answer_tokens)
+        key = f"{self.rows[i]['dataset']}/{self.rows[i]['_id']}/{n}/{int(self.compress_question)}"
+        if key not in self._answers:
+            _, out = generate_answer(self.model, self.tokenizer, self.prompts[i], spec, n, eos_token_ids=self.eos,
+                                     compress_question=self.compress_question)
+            self._answers[key] = list(out.token_ids)
+            if self.answers_path:
+                atomic_write_json(self.answers_path, self._answers)
+        return list(self._answers[key])
+
+    def _prepare(self, i: int) -> _Shared:
+        import torch
+
+        from namm.torch.cache import FullPolicy, PolicyUpdate
+        from namm.torch.generate import prefill
+        from namm.torch.policy import NAMMPolicy
+
+        if i in self._shared:
+            return self._shared[i]
+        device = next(self.model.parameters()).device
+        compressed, after = self._split(i)
+        if not compressed:
+            raise AgreementFitnessError(f"prompt {self.rows[i]['dataset']}/{self.rows[i]['_id']} has no context")
+        answer = self._answer(i)
+        recorded: dict[int, tuple] = {}
+
+        class Tap(NAMMPolicy):  # the candidates' features at their one update; keeps every token
+            def update(self, state, rows, keys, positions, valid, n_new, seen, layer_idx, final):
+                feats, _, _, _ = self.features(state, rows, positions, valid, n_new)
+                recorded[layer_idx] = (feats, positions, valid, seen)
+                return PolicyUpdate(state={})  # the candidates evict once: no state to carry
+
+        tap = Tap.untrained(self.namm_cfg, self.norm, update_interval=0, final_update=True)
+        cache = tap.make_cache(self.model)
+        with torch.no_grad():
+            prefill(self.model, cache, torch.tensor([compressed], dtype=torch.long, device=device))
+            cache.end_prefill()
+        if len(recorded) != len(cache.layers):
+            raise AgreementFitnessError(f"the prompt has {len(compressed)} tokens; the features need at least "
+                                        f"{self.namm_cfg.features.hop}")
+        tail = torch.tensor([after + answer[:-1]], dtype=torch.long, device=device)
+        scored = slice(len(after) - 1 if after else 0, tail.shape[1])
+        logits = self._tail_logits(cache.fork(self.model, FullPolicy()), tail, scored)
+        p_full = torch.softmax(logits.double(), -1)
+        shared = _Shared(cache=cache, features=[recorded[k] for k in range(len(cache.layers))], tail=tail,
+                         scored=scored, p_full=p_full)
+        for layer in cache.layers:  # the buffered queries are not needed any more
+            layer.queries = []
+        if self.cache_prompts:
+            self._shared[i] = shared
+        return shared
+
+    def _tail_logits(self, cache, tail, scored):
+        """Logits ``[m, V]`` at the scored tail positions, the tail fed through ``cache`` in one forward."""
+        import torch
+
+        if tail.shape[1] == 0:
+            return torch.zeros(0, self.model.config.vocab_size, device=tail.device)
+        seen = cache.seen_tokens
+        positions = torch.arange(seen, seen + tail.shape[1], device=tail.device)[None]
+        with torch.no_grad():
+            out = self.model(input_ids=tail, position_ids=positions, past_key_values=cache, use_cache=True)
+        return out.logits[0, scored]
+
+    # --- per candidate ---------------------------------------------------------------------------------
+    def _candidate(self, policy, shared: _Shared) -> tuple[float, float, float]:
+        """(acceptance, token match, kept fraction) of one candidate on one prepared prompt."""
+        from namm.torch import selection
+        from namm.torch.cache import FullPolicy
+
+        cache = shared.cache.fork(self.model, FullPolicy())
+        kept = []
+        for layer, (feats, positions, valid, seen) in zip(cache.layers, shared.features):
+            params = policy._layer_params(layer.layer_idx, feats.device)
+            keep, _, sel = policy.select_tokens(params, feats, positions, valid, seen)
+            idx, flags = selection.kept_indices(keep)
+            kept.append(idx.shape[-1] / layer.seen)  # stored / seen, as NAMMCache.kv_fraction
+            if idx.shape[-1] == layer.stored:
+                continue
+            layer.state = {}
+            layer.gather(idx)
+            if sel.mode == "masked" and not bool(flags.all()):
+                layer.valid = flags
+        acc, match = acceptance(shared.p_full, self._tail_logits(cache, shared.tail, shared.scored))
+        return acc, match, float(np.mean(kept))
+
+    def _policy_run(self, policy, i: int) -> tuple[float, float, float]:
+        """Any runtime policy (a baseline), run as the runtime runs it: its own prefill and end-of-prefill update."""
+        import torch
+
+        from namm.torch.generate import prefill
+
+        shared = self._prepare(i)
+        compressed, _ = self._split(i)
+        cache = policy.make_cache(self.model)
+        with torch.no_grad():
+            prefill(self.model, cache, torch.tensor([compressed], dtype=torch.long, device=shared.tail.device))
+            cache.end_prefill()
+        kept = cache.kv_fraction()
+        cache.freeze()
+        acc, match = acceptance(shared.p_full, self._tail_logits(cache, shared.tail, shared.scored))
+        return acc, match, kept
+
+    def _by_task(self, values: np.ndarray, items: Sequence[int]) -> float:
+        tasks = [self.rows[i]["dataset"] for i in items]
+        return float(np.mean([values[[t == x for x in tasks]].mean() for t in sorted(set(tasks))]))
+
+    def evaluate(self, population, items) -> np.ndarray:
+        from tqdm import tqdm
+
+        population = np.asarray(population, np.float32)
+        items = [int(i) for i in np.asarray(items)]
+        bar = tqdm(total=len(items) * (1 + len(population)), disable=not self.progress, desc="agreement fitness",
+                   leave=False, file=sys.stderr)
+        policies = [self.policy_for(flat) for flat in population]
+        res = np.zeros((len(population), len(items), 3))
+        for j, i in enumerate(items):
+            shared = self._prepare(i)
+            bar.update(1)
+            for k, policy in enumerate(policies):
+                res[k, j] = self._candidate(policy, shared)
+                bar.update(1)
+        bar.close()
+        self.last_details = {"acceptance": res[:, :, 0].mean(1), "token_match": res[:, :, 1].mean(1),
+                             "kept_fraction": res[:, :, 2].mean(1)}
+        return np.array([self._by_task(res[k, :, 0], items) for k in range(len(population))], np.float32)
+
+    def evaluate_policy(self, policy, items, name: str | None = None) -> dict:
+        """A runtime policy (``namm.torch.policies.build_policy``) on the same prompts and measure."""
+        items = [int(i) for i in np.asarray(items)]
+        t0 = time.perf_counter()
+        res = np.array([self._policy_run(policy, i) for i in items])
+        return {"fitness": self._by_task(res[:, 0], items), "token_match": float(res[:, 1].mean()),
+                "kept_fraction": float(res[:, 2].mean()), "wall_s": time.perf_counter() - t0}

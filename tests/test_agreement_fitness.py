@@ -1,0 +1,80 @@
+"""fitness=agreement: shared prefill, one eviction at the end of the prefill, acceptance against the full cache."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from namm.config import FeatureConfig, NAMMConfig, SelectionConfig
+from namm.scoring import num_params
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_llama):
+    from experiments.tasks import load_task
+
+    _, tok = tiny_llama
+    # 2 passkey prompts at 256 tokens; the second is cut to 4 * 64 + 1 tokens below (a last chunk of 1 token)
+    return load_task({"name": "passkey", "n": 2, "context_lengths": [256], "seed": 0}, tok, split="train")
+
+
+def _fitness(tiny_llama, rows, mode="ragged_max", budget=0.5, **kw):
+    from experiments.agreement_fitness import AgreementFitness
+
+    model, tok = tiny_llama
+    cfg = NAMMConfig(features=FeatureConfig(update_interval=64, chunk_size=64),
+                     selection=SelectionConfig(mode=mode, threshold=-1e30))
+    fit = AgreementFitness(model, tok, rows, cfg, None, chat=False, max_context=4096, budget=budget,
+                           max_answer_tokens=5, **kw)
+    p = fit.prompts[1]
+    fit.prompts[1] = replace(p, context_ids=p.context_ids[: 4 * 64 + 1 - len(p.question_ids)])
+    return fit, cfg
+
+
+def test_keep_all_reproduces_the_full_cache(tiny_llama, rows, one_torch_thread):
+    fit, cfg = _fitness(tiny_llama, rows, budget=1.0)
+    f = fit.evaluate(np.zeros((2, num_params(cfg)), np.float32), [0, 1])
+    assert np.allclose(f, 1.0, atol=1e-9)
+    assert fit.last_details["token_match"].tolist() == [1.0, 1.0]
+    assert fit.last_details["kept_fraction"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("mode", ["ragged_max", "masked"])
+def test_candidates_equal_the_runtime_policy(tiny_llama, rows, mode, one_torch_thread):
+    """The shared-prefill path gives exactly what the runtime NAMMPolicy gives with the same budget and schedule
+    (its own prefill and end-of-prefill update), also for a prompt whose last chunk is one token."""
+    fit, cfg = _fitness(tiny_llama, rows, mode=mode)
+    assert len(fit._split(1)[0]) % 64 == 1
+    pop = 0.3 * np.random.default_rng(0).standard_normal((2, num_params(cfg))).astype(np.float32)
+    f = fit.evaluate(pop, [0, 1])
+    kept = fit.last_details["kept_fraction"]
+    assert np.all(f < 1.0) and np.all(kept < 0.6)
+    for k in range(2):
+        ref = fit.evaluate_policy(fit.policy_for(pop[k]), [0, 1])
+        assert ref["fitness"] == pytest.approx(float(f[k]), abs=1e-6)
+        assert ref["kept_fraction"] == pytest.approx(float(kept[k]), abs=1e-9)
+    assert np.array_equal(fit.evaluate(pop, [0, 1]), f)                      # deterministic, cached state unchanged
+
+
+def test_answers_are_cached_and_bad_budgets_refused(tiny_llama, rows, tmp_path):
+    from experiments.agreement_fitness import AgreementFitness, AgreementFitnessError
+
+    path = tmp_path / "answers.json"
+    fit, _ = _fitness(tiny_llama, rows, answers_path=path)
+    answer = fit._answer(0)
+    again, _ = _fitness(tiny_llama, rows, answers_path=path)
+    assert again._answers == fit._answers and again._answer(0) == answer
+    model, tok = tiny_llama
+    for bad in (None, 0, 1.5, -2):
+        with pytest.raises(AgreementFitnessError, match="policy_budget"):
+            AgreementFitness(model, tok, rows, NAMMConfig(), None, chat=False, max_context=4096, budget=bad)
+
+
+def test_acceptance_measure():
+    from experiments.agreement_fitness import acceptance
+
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    logits = torch.log(torch.tensor([[0.25, 0.75, 1e-30], [1.0, 1e-30, 1e-30]]))
+    acc, match = acceptance(p, logits)
+    assert acc == pytest.approx((0.75 + 1.0) / 2) and match == 0.5
