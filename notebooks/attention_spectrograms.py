@@ -84,7 +84,7 @@ prompt = build_prompt(row, tok, chat=bool(model_cfg.get("chat", False)), max_pro
 ids = torch.tensor([prompt.ids])
 n_tokens = ids.shape[1]
 
-chunk = int(load_policy_cfg("namm")["chunk_size"])
+chunk = build_policy({**load_policy_cfg("namm"), "path": POLICY}).chunk_size  # the policy's own prefill chunk
 once = chunk * math.ceil((n_tokens + 1) / chunk)  # an update interval past the prompt: one final update
 namm = build_policy({**load_policy_cfg("namm"), "path": POLICY, "budget": BUDGET,
                      "update_interval": once, "final_update": True})
