@@ -205,7 +205,7 @@ def train(cfg) -> dict:
         references = _heldout_references(eval_fit, s_cfg.policy_budget if s_cfg.policy_budget is not None
                                          else s_cfg.budget_target, solution_mean, cfg)
     elif fit_name == "agreement":
-        references = _heldout_references(eval_fit, fit_cfg.get("policy_budget"), solution_mean, cfg)
+        references = _heldout_references(eval_fit, fit_cfg.get("policy_budget"), solution_mean, cfg, runtime=True)
     hist = result.history
     summary = {"stage": str(cfg.run.name), "fitness": fit_name, "generation": result.generation,
                "best_heldout_fitness": None if not np.isfinite(result.best_eval) else result.best_eval,
@@ -224,7 +224,7 @@ def train(cfg) -> dict:
     return summary
 
 
-def _heldout_references(eval_fit, budget, solution_mean, cfg) -> dict:
+def _heldout_references(eval_fit, budget, solution_mean, cfg, runtime: bool = False) -> dict:
     """The solution and the hand-designed baselines (``reference_baselines``) on the held-out prompts under the
     same fitness, each at the stage's budget: the JAX baselines in the ``stats`` simulation, the runtime's
     (``namm.torch``, the agreement schedule) under the ``agreement`` fitness."""
@@ -236,7 +236,7 @@ def _heldout_references(eval_fit, budget, solution_mean, cfg) -> dict:
     details = {k: float(v[0]) for k, v in eval_fit.last_details.items()}
     out = {"namm": {"fitness": fit, **details}}
     for name in names:
-        if hasattr(eval_fit, "policy_for"):  # a runtime fitness
+        if runtime:
             from namm.torch.policies import build_policy
 
             policy = build_policy({"name": name, "budget": budget, **AGREEMENT_SCHEDULE})
