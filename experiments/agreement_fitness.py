@@ -9,7 +9,7 @@ of every prompt query (the regime of SnapKV-style prompt compression). Everythin
 is the same for every candidate, so per prompt it is computed once and shared by the population: the
 prefilled cache, each layer's NAMM features, the full-cache greedy answer and the full-cache next-token
 distributions along it. Per candidate only the scoring network, the cap, the eviction (the runtime's own
-``NAMMPolicy.select_tokens`` and ``NAMMLayer.gather``) and one forward of the answer through the
+``NAMMPolicy.select_tokens`` / ``decision`` and ``NAMMLayer.apply``) and one forward of the answer through the
 compressed cache remain.
 
 Measure of a prompt: the mean, over the answer positions whose prediction reads the evicted cache, of
@@ -195,24 +195,16 @@ class AgreementFitness:
     # --- per candidate ---------------------------------------------------------------------------------
     def _candidate(self, policy, shared: _Shared) -> tuple[float, float, float]:
         """(acceptance, token match, kept fraction) of one candidate on one prepared prompt."""
-        from namm.torch import selection
         from namm.torch.cache import FullPolicy
 
         cache = shared.cache.fork(self.model, FullPolicy())
-        kept = []
         for layer, (feats, positions, valid, seen) in zip(cache.layers, shared.features):
             params = policy._layer_params(layer.layer_idx, feats.device)
-            keep, _, sel = policy.select_tokens(params, feats, positions, valid, seen)
-            idx, flags = selection.kept_indices(keep)
-            kept.append(idx.shape[-1] / layer.seen)  # stored / seen, as NAMMCache.kv_fraction
-            if idx.shape[-1] == layer.stored:
-                continue
-            layer.state = {}
-            layer.gather(idx)
-            if sel.mode == "masked" and not bool(flags.all()):
-                layer.valid = flags
+            keep, scores, sel = policy.select_tokens(params, feats, positions, valid, seen)
+            layer.apply(policy.decision(keep, sel, {}, scores))  # as NAMMLayer.run_update applies it
+        kept = cache.kv_fraction()
         acc, match = acceptance(shared.p_full, self._tail_logits(cache, shared.tail, shared.scored))
-        return acc, match, float(np.mean(kept))
+        return acc, match, kept
 
     def _policy_run(self, policy, i: int) -> tuple[float, float, float]:
         """Any runtime policy (a baseline), run as the runtime runs it: its own prefill and end-of-prefill update."""

@@ -238,6 +238,10 @@ class NAMMLayer(DynamicLayer):
         self.queries = []
         self.last_update_seen = self.seen
         self.num_updates += 1
+        self.apply(out)
+
+    def apply(self, out: PolicyUpdate) -> None:
+        """Take a policy's decision: its state, its scores, and the eviction (keep indices, validity flags)."""
         self.last_scores = out.scores
         self.state = out.state
         if out.keep is not None:

@@ -287,13 +287,16 @@ class NAMMPolicy(TorchPolicy):
             self.stats_accumulator.update(ema, valid_full)
         keep, scores, sel = self.select_tokens(self._layer_params(layer_idx, keys.device), feats, positions, valid,
                                                seen)
-        new_state = {"ema": ema, "left_context": next_ctx}
+        return self.decision(keep, sel, {"ema": ema, "left_context": next_ctx}, scores)
+
+    @staticmethod
+    def decision(keep, sel, state, scores) -> PolicyUpdate:
+        """The ``PolicyUpdate`` that keeps ``keep [B, H, S]`` (no eviction when it keeps every slot; the
+        per-head flags only under ``masked`` selection)."""
         if bool(keep.all()):
-            return PolicyUpdate(state=new_state, scores=scores)
+            return PolicyUpdate(state=state, scores=scores)
         idx, flags = selection.kept_indices(keep)
-        return PolicyUpdate(
-            state=new_state, keep=idx, valid=flags if sel.mode == "masked" else None, scores=scores
-        )
+        return PolicyUpdate(state=state, keep=idx, valid=flags if sel.mode == "masked" else None, scores=scores)
 
 
 def _extend(x: torch.Tensor | None, shape, total: int, device) -> torch.Tensor:
