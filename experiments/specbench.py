@@ -80,14 +80,25 @@ def expected_speedup(alpha: float, gamma: int, c: float) -> float:
     return tokens / (gamma * c + 1)
 
 
+def _policy_dir(path) -> bool:
+    """A policy directory on disk, or the name of a bundled one (``namm.pretrained``)."""
+    from namm import pretrained
+
+    try:
+        return pretrained.resolve(path).is_dir()
+    except FileNotFoundError:
+        return False
+
+
 def selfspec_policies(suite) -> tuple[dict[str, dict], dict[str, str]]:
     """The suite's draft-cache policies ``{name: cfg}``, and ``{name: reason}`` of NAMMs without a directory."""
     policies, skipped = {}, {}
     for name, pol in suite.policies.items():
         pol = OmegaConf.to_container(pol, resolve=True)
         path = pol.get("path")
-        if pol["name"] == "namm" and path != "untrained" and not (path and Path(path).is_dir()):
-            skipped[name] = f"no NAMM policy directory at {path} (train one or set suites.<suite>.policies.{name}.path)"
+        if pol["name"] == "namm" and path != "untrained" and not (path and _policy_dir(path)):
+            skipped[name] = (f"no NAMM policy directory or bundled policy {path} (train one or set "
+                             f"suites.<suite>.policies.{name}.path)")
             log.warning("selfspec: skipping %s: %s", name, skipped[name])
             continue
         policies[name] = pol

@@ -152,13 +152,19 @@ class NAMMPolicy(TorchPolicy):
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "NAMMPolicy":
-        """Load a policy directory written by ``namm.export.save_pretrained``.
+        """Load a policy directory written by ``namm.export.save_pretrained``, or a bundled policy by name
+        (``namm.pretrained.available()``).
 
         overrides: budget, chunk_size, update_interval, final_update, mode, threshold, top_k. A policy
         evolved under a cap (``trained_budget`` in its config) runs at that cap unless ``budget`` is given;
         likewise its ``trained_schedule`` (chunk_size, update_interval, final_update) for keys not given.
         """
-        path = Path(path)
+        from namm import pretrained
+
+        try:
+            path = pretrained.resolve(path)             # a directory, or the name of a bundled policy
+        except FileNotFoundError as e:
+            raise PolicyFormatError(str(e)) from None
         cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not cfg_path.is_file():
             raise PolicyFormatError(f"{path}: no {CONFIG_NAME}; export a policy with namm.export.save_pretrained")
