@@ -278,6 +278,11 @@ def test_policy_config_errors(models):
     with pytest.raises(ValueError, match="unknown option"):
         build_policy({"name": "h2o", "budget": 4, "bogus": 1})
     assert build_policy({"name": "full", "budget": None}).name == "full"
+    model = next(iter(models.values()))
+    for cfg in ({"name": "h2o", "budget": 0.5, "update_interval": 0, "final_update": False},
+                {"name": "namm", "path": "untrained", "update_interval": 0, "final_update": False}):
+        with pytest.raises(CacheConfigError, match=r"would never evict: update_interval=(None|0) and final_update=False"):
+            build_policy(cfg).make_cache(model)
 
 
 def test_sliding_window_models_rejected():

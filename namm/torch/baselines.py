@@ -80,6 +80,8 @@ def keep_mask(score, valid, newest, budget: int, protected=None) -> torch.Tensor
 class BaselinePolicy(TorchPolicy):
     """Common shell: subclasses implement ``score(ctx) -> (score [B, H, S], protected [B, H, S] | None)``."""
 
+    evicts = True
+
     accumulate = False
 
     def __init__(self, budget=None, chunk_size: int = 128, update_interval: int | None = 512, final_update: bool = True):
@@ -247,6 +249,7 @@ class Full(BaselinePolicy):
     """Keep every token."""
 
     name = "full"
+    evicts = False
 
     def __init__(self, **kw):
         kw.setdefault("update_interval", None)

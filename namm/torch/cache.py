@@ -50,10 +50,12 @@ class TorchPolicy:
     Subclasses set ``name``, ``needs_attention`` (buffer queries and hand GQA-averaged attention
     rows to ``update``), ``needs_keys``, ``update_interval`` (None: never update), ``final_update``
     (also update at the end of the prefill) and ``chunk_size`` (prefill chunk), and implement
-    :meth:`update`.
+    :meth:`update`. ``evicts``: a compressing policy, refused by the cache when its schedule never
+    updates (no ``update_interval`` and no ``final_update``).
     """
 
     name: str = "base"
+    evicts: bool = False
     needs_attention: bool = False
     update_interval: int | None = None
     final_update: bool = False
@@ -348,6 +350,11 @@ class NAMMCache(Cache):
                 "use a model without sliding-window or linear-attention layers"
             )
         policy.check_model(model)
+        if getattr(policy, "evicts", False) and not policy.update_interval and not policy.final_update:
+            raise CacheConfigError(
+                f"policy {getattr(policy, 'name', type(policy).__name__)!r} would never evict: update_interval="
+                f"{policy.update_interval} and final_update=False; set update_interval (e.g. 512) or final_update=true"
+            )
         self.policy = policy
         self.signature = model_signature(model)
         name = _attention.register()

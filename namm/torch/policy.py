@@ -65,6 +65,7 @@ class NAMMPolicy(TorchPolicy):
     """
 
     name = "namm"
+    evicts = True
     needs_attention = True
 
     def __init__(
