@@ -112,6 +112,12 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="evaluate: .*unknown dataset 'mystery'"):
         bad.write_text(json.dumps({"context": "c", "answers": ["a"], "dataset": "mystery"}) + "\n")
         run_or_exit(_cfg(tmp_path, "task=jsonl", f"task.path={bad}", "split=all"))
+    passkey = ("task=passkey", "task.n=1", "task.context_lengths=[256]", "split=all")
+    with pytest.raises(SystemExit, match=r"^evaluate: policy 'smollm2-nope': no such directory, and no bundled"):
+        run_or_exit(_cfg(tmp_path, *passkey, "policy=namm", "policy.path=smollm2-nope"))
+    with pytest.raises(SystemExit, match=r"^evaluate: policy 'h2o' would never evict"):
+        run_or_exit(_cfg(tmp_path, *passkey, "policy=h2o", "policy.budget=0.5", "policy.update_interval=0",
+                         "policy.final_update=false"))
 
 
 @pytest.mark.slow
