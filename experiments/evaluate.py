@@ -250,15 +250,7 @@ def _track(cfg, results, summary, out_dir: Path) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [TaskError, EvaluateError]
-    for mod, name in (("experiments.models", "ModelSpecError"), ("experiments.assets", "AssetError"),
-                      ("namm.torch.policies", "PolicyConfigError"), ("namm.torch.policy", "PolicyFormatError"),
-                      ("namm.torch.cache", "CacheConfigError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return (TaskError, EvaluateError) + reporting.user_errors()
 
 
 def run_or_exit(cfg: DictConfig) -> float:

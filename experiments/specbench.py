@@ -40,6 +40,10 @@ from spec_decode.torch import (DraftHandle, DraftProposer, PromptLookupProposer,
 
 log = logging.getLogger(__name__)
 
+class SpecbenchError(ValueError):
+    """Bad benchmark configuration (an unknown suite, a draft directory that does not exist)."""
+
+
 KV_DOMINATED = ("c = budget: a draft step reads a budget-fraction of the KV cache and decoding time is dominated "
                 "by KV reads (long context; weight reads and the policy's own cost ignored)")
 
@@ -166,6 +170,21 @@ def _selfspec_rows(acc: dict, kv: dict, meta: dict, group, gamma: int) -> dict:
     return rows
 
 
+def check_drafts(cfg: DictConfig) -> None:
+    """Fail before any model loads when a configured draft directory does not exist."""
+    for name, path in cfg.drafts.items():
+        if path and not Path(path).is_dir():
+            raise SpecbenchError(
+                f"drafts.{name}={path} does not exist; train it with `python -m experiments.distill_draft "
+                f"export_dir={path}` (distill.steps=0 for the undistilled draft), point drafts.{name} at an "
+                f"exported draft, or drop it with '~drafts.{name}'")
+    for key in ("sweep_drafts", "hf_drafts"):
+        unknown = sorted(set(cfg.get(key) or []) - {k for k, v in cfg.drafts.items() if v})
+        if unknown:
+            raise SpecbenchError(f"{key} lists {unknown}, not in drafts ({sorted(cfg.drafts)}); "
+                                 f"add them as +drafts.NAME=DIR or remove them from {key}")
+
+
 def run(cfg: DictConfig) -> dict:
     from experiments.models import load_model
 
@@ -175,9 +194,11 @@ def run(cfg: DictConfig) -> dict:
     only = cfg.get("only")
     unknown = sorted(set(only or []) - set(cfg.suites))
     if unknown:
-        raise ValueError(f"only={list(only)} names unknown suites {unknown}; known: {sorted(cfg.suites)}")
+        raise SpecbenchError(f"only={list(only)} names unknown suites {unknown}; known: {sorted(cfg.suites)}")
     suites = {k: s for k, s in cfg.suites.items() if only is None or k in only}
     kinds = {k: s.get("kind", "draft") for k, s in suites.items()}
+    if "draft" in kinds.values():
+        check_drafts(cfg)
     target, tok = load_model(cfg.target)
     eos = target.generation_config.eos_token_id
     drafts = {}
@@ -357,7 +378,12 @@ def plot(results: dict, path: Path) -> None:
 
 @hydra.main(config_path="../configs", config_name="specbench", version_base=None)
 def main(cfg: DictConfig) -> None:
-    report = run(cfg)
+    from experiments.reporting import user_errors
+
+    try:
+        report = run(cfg)
+    except (SpecbenchError,) + user_errors() as e:
+        raise SystemExit(f"specbench: {e}") from None
     res = report["results"]
     print(table(res, report["lossless"], report["kinds"], report["selfspec"]))
     all_lossless = all(all(v.values()) for v in report["lossless"].values())

@@ -156,3 +156,17 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
     assert any(x.startswith("selfspec_namm_trained_acceptance@0.5: n/a (skipped") for x in lines)
     assert re.fullmatch(r"selfspec_namm_acceptance@0.5: [\d.]+ \(target: >= 0.9 and above h2o [\d.]+, "
                         r"streamingllm [\d.]+\)", lines[-1])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["only=[nope]"], "names unknown suites ['nope']"),
+    (["only=[humaneval]", "drafts.undistilled=null", "drafts.tvd=/nonexistent/draft"], "drafts.tvd=/nonexistent/draft does not exist"),
+    (["only=[humaneval]", "~drafts.tvd", "~drafts.undistilled"], "sweep_drafts lists ['tvd'], not in drafts"),
+])
+def test_specbench_bad_input_is_one_line(tmp_path, overrides, message):
+    """A config typo or a missing draft ends the run before any model loads, as one line and exit status 1."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        cfg = compose("specbench", overrides=["target=tiny_random", f"output_dir={tmp_path}", *overrides])
+    with pytest.raises(SystemExit) as e:
+        specbench.main(cfg)
+    assert str(e.value).startswith("specbench: ") and message in str(e.value) and "\n" not in str(e.value)
