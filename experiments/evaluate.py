@@ -196,6 +196,16 @@ def headline(results: Sequence[Mapping]) -> tuple[str, float, str]:
     return f"{labels[-1]}_mean_score", means[labels[-1]], "the full-cache mean score (run it with compare=[full])"
 
 
+def check_policies(runs: Sequence[Mapping]) -> None:
+    """Build every policy run once before the model loads, so that a missing or unknown policy path, a bad
+    knob or a schedule that never evicts fails in seconds rather than after the model and tasks load."""
+    from namm.torch.cache import check_schedule
+    from namm.torch.policies import build_policy
+
+    for run in runs:
+        check_schedule(build_policy(run))
+
+
 def run(cfg: DictConfig) -> dict:
     """Load model and tasks from the config, evaluate, write every output file; returns the summary."""
     import torch
@@ -205,6 +215,7 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(str(cfg.output_dir))
     t0 = time.time()
     runs = policy_runs(cfg.policy, list(cfg.get("compare") or []), _plain(cfg.get("budgets")))
+    check_policies(runs)
     templates = load_templates(cfg.get("templates"))
     torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_model_from_cfg(cfg.model, device=str(cfg.device), cache=cfg.get("cache_dir"))

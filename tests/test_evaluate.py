@@ -113,6 +113,11 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
         bad.write_text(json.dumps({"context": "c", "answers": ["a"], "dataset": "mystery"}) + "\n")
         run_or_exit(_cfg(tmp_path, "task=jsonl", f"task.path={bad}", "split=all"))
     passkey = ("task=passkey", "task.n=1", "task.context_lengths=[256]", "split=all")
+
+    def no_model(*a, **k):
+        raise AssertionError("a bad policy must fail before the model loads")
+
+    monkeypatch.setattr("experiments.models.load_model_from_cfg", no_model)
     with pytest.raises(SystemExit, match=r"^evaluate: policy 'smollm2-nope': no such directory, and no bundled"):
         run_or_exit(_cfg(tmp_path, *passkey, "policy=namm", "policy.path=smollm2-nope"))
     with pytest.raises(SystemExit, match=r"^evaluate: policy 'h2o' would never evict"):

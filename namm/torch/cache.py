@@ -107,6 +107,15 @@ class FullPolicy(TorchPolicy):
         return PolicyUpdate(state=state)
 
 
+def check_schedule(policy: TorchPolicy) -> None:
+    """Raise ``CacheConfigError`` for a compressing policy whose schedule never updates (it would keep 100 %)."""
+    if getattr(policy, "evicts", False) and not policy.update_interval and not policy.final_update:
+        raise CacheConfigError(
+            f"policy {getattr(policy, 'name', type(policy).__name__)!r} would never evict: update_interval="
+            f"{policy.update_interval} and final_update=False; set update_interval (e.g. 512) or final_update=true"
+        )
+
+
 class NAMMLayer(DynamicLayer):
     """A ``DynamicLayer`` whose content is managed by a policy; see the module docstring."""
 
@@ -350,11 +359,7 @@ class NAMMCache(Cache):
                 "use a model without sliding-window or linear-attention layers"
             )
         policy.check_model(model)
-        if getattr(policy, "evicts", False) and not policy.update_interval and not policy.final_update:
-            raise CacheConfigError(
-                f"policy {getattr(policy, 'name', type(policy).__name__)!r} would never evict: update_interval="
-                f"{policy.update_interval} and final_update=False; set update_interval (e.g. 512) or final_update=true"
-            )
+        check_schedule(policy)
         self.policy = policy
         self.signature = model_signature(model)
         name = _attention.register()
