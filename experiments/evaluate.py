@@ -261,7 +261,9 @@ def _track(cfg, results, summary, out_dir: Path) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    return (TaskError, EvaluateError) + reporting.user_errors()
+    from experiments.cli import user_errors
+
+    return (TaskError, EvaluateError) + user_errors()
 
 
 def run_or_exit(cfg: DictConfig) -> float:

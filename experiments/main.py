@@ -109,22 +109,9 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _main():
-    import hydra
+    from experiments.cli import hydra_entry
 
-    from experiments.extract import ExtractError
-    from namm.evolve import EvolutionError
-    from namm.fitness import FitnessError
-    from namm.shards import ShardError
-
-    @hydra.main(config_path="../configs", config_name="main", version_base=None)
-    def main(cfg):
-        try:
-            run(cfg)
-        except (EvolutionError, FitnessError, ShardError, ExtractError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    main()
+    hydra_entry("main", run)
 
 
 if __name__ == "__main__":

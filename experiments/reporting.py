@@ -17,25 +17,6 @@ from namm.shards import atomic_write_bytes
 
 FULL = "full"
 
-# Exceptions that mean bad input (a missing asset, a policy or draft for another model, a config typo):
-# the scripts print them as one line and exit 1 instead of a traceback. Imported lazily, so that this
-# module imports neither framework.
-USER_ERRORS = (("experiments.models", "ModelSpecError"), ("experiments.assets", "AssetError"),
-               ("experiments.tasks", "TaskError"), ("namm.torch.policies", "PolicyConfigError"),
-               ("namm.torch.policy", "PolicyFormatError"), ("namm.torch.cache", "CacheConfigError"),
-               ("spec_decode.torch.draft", "DraftMismatchError"), ("spec_decode.torch.draft", "CorruptDraftError"))
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes of ``USER_ERRORS`` that import here."""
-    errors: list[type[BaseException]] = []
-    for mod, name in USER_ERRORS:
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
 
 def policy_label(policy: str, budget) -> str:
     """Column name of a policy run: ``full`` or ``name@budget``."""

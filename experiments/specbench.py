@@ -378,7 +378,7 @@ def plot(results: dict, path: Path) -> None:
 
 @hydra.main(config_path="../configs", config_name="specbench", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from experiments.reporting import user_errors
+    from experiments.cli import user_errors
 
     try:
         report = run(cfg)

@@ -274,22 +274,9 @@ def _stats_references(stats_dir: str, rows) -> dict[str, float]:
 
 
 def _main():
-    import hydra
+    from experiments.cli import hydra_entry
 
-    from experiments.extract import ExtractError
-    from namm.evolve import EvolutionError
-    from namm.fitness import FitnessError
-    from namm.shards import ShardError
-
-    @hydra.main(config_path="../configs", config_name="train_namm", version_base=None)
-    def main(cfg):
-        try:
-            train(cfg)
-        except (EvolutionError, FitnessError, ShardError, ExtractError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    main()
+    hydra_entry("train_namm", train)
 
 
 if __name__ == "__main__":

@@ -144,3 +144,21 @@ def test_unknown_config_names_are_one_line():
         check_group_choices(["task=nope"])
     with pytest.raises(SystemExit, match=r"^evaluate: unknown model 'gpt9'"):
         check_group_choices(["model=gpt9"])
+
+
+def test_pipeline_errors_are_one_line(capsys):
+    """``python -m experiments.main`` / ``train_namm``: a stage's error is one line on stderr, exit status 2."""
+    from experiments.cli import run_reporting_errors
+    from namm.shards import ShardError
+
+    def stage(cfg):
+        assert cfg == {"seed": 0}
+        raise ShardError("shard-00000 was written for another model; delete the store or set stats_dir")
+
+    with pytest.raises(SystemExit) as e:
+        run_reporting_errors(stage, {"seed": 0})
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: shard-00000 was written for another model; delete the store or set stats_dir"
+    with pytest.raises(ZeroDivisionError):                # a bug is still a traceback
+        run_reporting_errors(lambda cfg: 1 / 0, {})
