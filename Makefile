@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prepare run test test-fast clean
+.PHONY: setup prepare run test test-fast drafts clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# teacher data, then the undistilled and the TVD-distilled drafts where `python -m experiments.specbench` reads them
+drafts: $(STAMP)
+	$(BIN)/python -m experiments.extract_teacher
+	$(BIN)/python -m experiments.distill_draft distill.steps=0 'export_dir=$${cache_dir}/drafts/smollm2/undistilled'
+	$(BIN)/python -m experiments.distill_draft 'export_dir=$${cache_dir}/drafts/smollm2/tvd'
 
 clean:
 	rm -rf $(VENV) outputs multirun

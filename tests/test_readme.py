@@ -1,4 +1,4 @@
-"""The README's Hydra commands parse and compose (argument order, config group names, override keys)."""
+"""The README's (and the Makefile's) Hydra commands parse and compose (argument order, config group names, override keys)."""
 
 import re
 import shlex
@@ -19,7 +19,11 @@ def _commands():
     for line in text.splitlines():
         m = re.search(r"python -m experiments\.(\w+)(.*?)(?:`|$)", line)
         if m and m.group(1) in HYDRA_APPS:
-            out.append((m.group(1), m.group(2).replace("$s", "i1").strip()))
+            out.append((m.group(1), re.sub(r"\s+#.*$", "", m.group(2)).replace("$s", "i1").strip()))
+    for line in ROOT.joinpath("Makefile").read_text().splitlines():     # make run / drafts / prepare
+        m = re.search(r"python -m experiments\.(\w+)(.*)$", line)
+        if m and m.group(1) in HYDRA_APPS and line.startswith("\t"):                 # recipe lines only
+            out.append((m.group(1), m.group(2).replace("$$", "$").strip()))
     return out
 
 
