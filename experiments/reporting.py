@@ -91,9 +91,11 @@ def column_means(results: Sequence[Mapping], key: str = "score") -> dict[str, fl
 
 
 def normalised_scores(results: Sequence[Mapping]) -> dict[str, float]:
-    """Per column, the mean over tasks of score / full-cache score (the paper's normalised score).
+    """Per column, the mean over task rows of score / full-cache score (the paper's normalised score).
 
-    Task rows whose full-cache score is 0 are left out.
+    A task row is a task at one context length (``passkey@1024``), as in the tables; task rows whose
+    full-cache score is 0 are left out. ``experiments.tables`` merges the lengths of a task first unless
+    given ``--by-length``, so its default normalised score can differ from this one.
     """
     full = {(r["task"], r.get("length")): float(r["score"]) for r in results if r["policy"] == FULL}
     acc: dict[str, list[float]] = defaultdict(list)
@@ -120,7 +122,7 @@ def markdown_table(results: Sequence[Mapping]) -> str:
     lines.append("| kv fraction | | " + " | ".join(f"{kvm[c]:.3f}" for c in cols) + " |")
     norm = normalised_scores(results)
     if norm and any(c != FULL for c in cols):
-        lines.append("| normalised | | " + " | ".join(f"{norm[c]:.3f}" if c in norm else "-" for c in cols) + " |")
+        lines.append("| normalised (per task@length) | | " + " | ".join(f"{norm[c]:.3f}" if c in norm else "-" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from experiments.reporting import FULL, policy_label
+from namm.shards import atomic_write_bytes
 from experiments.tasks.registry import REGISTRY
 
 CATEGORIES = ("Single-Doc QA", "Multi-Doc QA", "Summarization", "Few-shot", "Synthetic", "Code")
@@ -177,13 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.results[0]).resolve().parent if Path(args.results[0]).is_file() \
         else Path(args.results[0])
     out.mkdir(parents=True, exist_ok=True)
-    md = f"## Summary\n\n{markdown(head, body)}\n\n## Per task\n\n{markdown(thead, tbody)}\n"
+    how = ("each task at each context length counts as a task (`--by-length`), as `experiments.evaluate` reports it"
+           if args.by_length else "a task's context lengths are merged first (weighted by prompt count); "
+           "`--by-length` gives the per task@length figure `experiments.evaluate` reports")
+    md = (f"## Summary\n\n{markdown(head, body)}\n\nNormalised: mean over tasks of score / full-cache score; {how}.\n"
+          f"\n## Per task\n\n{markdown(thead, tbody)}\n")
     tex = latex(head, body, "Scores per category, overall mean over tasks, normalised score against the full "
                 "cache and kept cache.") + "\n\n" + latex(thead, tbody, "Scores per task.") + "\n"
-    (out / "tables.md").write_text(md)
-    (out / "tables.tex").write_text(tex)
+    atomic_write_bytes(out / "tables.md", md.encode())
+    atomic_write_bytes(out / "tables.tex", tex.encode())
     summary = summarise(tasks_by_method)
-    (out / "tables.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(out / "tables.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     print(md)
     print(f"wrote {out / 'tables.md'}, {out / 'tables.tex'}, {out / 'tables.json'}")
     print(headline(summary))

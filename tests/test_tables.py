@@ -43,6 +43,16 @@ def test_cli_writes_markdown_latex_and_headline(tmp_path, capsys):
     assert "| full | 35.00 | 40.00 | 36.67 | 1.00 | 100.0 |" in md  # Synthetic (50+20)/2, Code, overall over 3 tasks
     assert "passkey@2048" in md
     assert r"\begin{tabular}" in (tmp_path / "tables.tex").read_text()
+    # --by-length gives experiments.evaluate's normalised score (per task@length); the default merges lengths
+    from experiments.reporting import normalised_scores
+
+    by_length = json.loads((tmp_path / "tables.json").read_text())["h2o@0.25"]["normalized"]
+    assert by_length == pytest.approx(normalised_scores(ROWS)["h2o@0.25"], abs=1e-4)
+    assert "`experiments.evaluate` reports it" in md
+    assert tables.main([str(path)]) == 0
+    merged = json.loads((tmp_path / "tables.json").read_text())["h2o@0.25"]["normalized"]
+    assert merged == pytest.approx((10 / 27.5 + 20 / 40) / 2) and merged != pytest.approx(by_length)
+    assert "context lengths are merged first" in (tmp_path / "tables.md").read_text()
 
 
 def test_reference_row_and_bad_input(tmp_path, capsys):
