@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -229,6 +230,10 @@ def run(cfg: DictConfig) -> dict:
                 for g in (gammas if name in cfg.sweep_drafts else [cfg.gamma]):
                     runs.append((f"{name}@{g}", lambda g=g, d=d: speculative_generate(
                         target, x, DraftProposer(d), n_new, gamma=g, eos_token_id=eos)))
+                for gate in (cfg.get("draft_confidence") or []) if name in cfg.sweep_drafts else []:
+                    runs.append((f"{name}_p{gate:g}@{cfg.gamma}", lambda gate=gate, d=d: speculative_generate(
+                        target, x, DraftProposer(d, min_confidence=float(gate)), n_new, gamma=int(cfg.gamma),
+                        eos_token_id=eos)))
             for g in gammas:
                 runs.append((f"prompt_lookup@{g}", lambda g=g: speculative_generate(
                     target, x, PromptLookupProposer(cfg.ngram), n_new, gamma=g, eos_token_id=eos)))
@@ -303,6 +308,17 @@ def selfspec_table(suite: str, rows: dict, lossless: dict, info: dict | None = N
     return lines
 
 
+def _draft_of(key: str, drafts) -> str | None:
+    """The draft a row ran (``tvd@4`` and the confidence-gated ``tvd_p0.4@4``: ``tvd``), or None."""
+    if "@" not in key:
+        return None
+    name = key.rsplit("@", 1)[0]
+    if name in drafts:
+        return name
+    base = re.sub(r"_p[0-9.]+(e-?[0-9]+)?$", "", name)
+    return base if base in drafts else None
+
+
 def humaneval_headline(report: dict) -> list[str]:
     """``name: value (target: X)`` lines of the HumanEval suite: the fastest method overall, prompt lookup's best,
     and (last) the fastest distilled draft in our loop against the 1.5x target and prompt lookup."""
@@ -314,8 +330,7 @@ def humaneval_headline(report: dict) -> list[str]:
         return []
     lookup = [k for k in rows if k.startswith(("prompt_lookup@", "hf_prompt_lookup@"))]
     best_lookup = max(lookup, key=lambda k: rows[k]["speedup"]) if lookup else None
-    drafts = [k for k in rows if "@" in k and k.rsplit("@", 1)[0] in report.get("drafts", {})
-              and k.rsplit("@", 1)[0] != "undistilled"]
+    drafts = [k for k in rows if _draft_of(k, report.get("drafts", {})) not in (None, "undistilled")]
     lines = [f"humaneval_fastest_method: {fastest} ({rows[fastest]['speedup']:.3f}x)"]
     if best_lookup:
         lines.append(f"humaneval_prompt_lookup_speedup: {rows[best_lookup]['speedup']:.3f} ({best_lookup})")

@@ -44,6 +44,24 @@ def test_greedy_equals_target_greedy(models, draft_name):
         assert stats.acceptance_rate == 1.0 and stats.tokens_per_call > 3
 
 
+def test_confidence_gate_is_lossless(models):
+    """``min_confidence`` shortens rounds (to nothing when the draft is never that sure), output unchanged."""
+    target, drafts = models
+    ids = torch.tensor([list(PROMPTS[0])])
+    ref, _ = autoregressive_generate(target, ids, 24)
+    runs = {}
+    for gate in (None, 0.0, 0.2, 1.0):
+        out, stats = speculative_generate(target, ids, DraftProposer(drafts["full_copy"], min_confidence=gate), 24,
+                                          gamma=4)
+        assert out.tolist() == ref.tolist(), gate
+        runs[gate] = stats
+    assert runs[0.0].proposed == runs[None].proposed                # a gate of 0 is no gate
+    assert sum(runs[0.2].proposed) < sum(runs[None].proposed)       # the gate stopped some rounds early
+    assert sum(runs[1.0].proposed) == 0 and runs[1.0].rounds == 24  # never sure: plain decoding
+    with pytest.raises(ValueError, match="min_confidence=1.5"):
+        DraftProposer(drafts["full_copy"], min_confidence=1.5)
+
+
 def test_eos_stops_and_transformers_paths_agree(models):
     target, drafts = models
     ids = torch.tensor([list(PROMPTS[0])])
@@ -84,22 +102,26 @@ def _chi2_pvalue(counts, probs, min_expected=5.0):
     return chisquare(np.array(obs), np.array(exp) * sum(obs) / sum(exp)).pvalue
 
 
-def test_sampling_matches_target_distribution_chi_square(models):
-    """Rejection sampling with the residual max(0, p - q) and the bonus token reproduces p exactly."""
+@pytest.mark.parametrize("gate", [None, 0.1])
+def test_sampling_matches_target_distribution_chi_square(models, gate):
+    """Rejection sampling with the residual max(0, p - q) and the bonus token reproduces p exactly (also when
+    a confidence gate cuts rounds short)."""
     target, drafts = models
     prompt = list(b"the cat")
     temperature, n = 1.5, 400
     p1, p2 = _exact_marginals(target, prompt, temperature)
     c1, c2 = np.zeros_like(p1), np.zeros_like(p2)
-    total = None
+    total, firsts = None, []
     for seed in range(n):
         g = torch.Generator().manual_seed(seed)
-        out, stats = speculative_generate(target, torch.tensor([prompt]), DraftProposer(drafts["one_layer"]), 3,
-                                          gamma=2, sampling=Sampling(True, temperature), generator=g)
+        out, stats = speculative_generate(target, torch.tensor([prompt]), DraftProposer(drafts["one_layer"], gate),
+                                          3, gamma=2, sampling=Sampling(True, temperature), generator=g)
         c1[out[0, len(prompt)]] += 1
         c2[out[0, len(prompt) + 1]] += 1
         total = stats if total is None else total.merge(stats)
+        firsts.append(stats.gammas[0])                    # drafts proposed in the first round (room for 2)
     assert 0 < total.accepted[0] < total.proposed[0]      # both the accept and the residual paths ran
+    assert (min(firsts) < 2) == bool(gate)                # the gate cut first rounds short
     assert _chi2_pvalue(c1, p1) > 1e-3 and _chi2_pvalue(c2, p2) > 1e-3
 
 
@@ -134,3 +156,37 @@ def test_humaneval_headline_reports_the_best_distilled_draft_against_prompt_look
     assert lines[-1] == ("humaneval_draft_speedup: 0.900 (fkl@4; acceptance 0.150, c 0.100) "
                          "(target: >= 1.5 and above prompt lookup's 1.600)")
     assert humaneval_headline({"drafts": {}, "results": {"selfspec": {}}}) == []
+
+
+def test_specbench_draft_suite_end_to_end(tmp_path, capsys):
+    """``python -m experiments.specbench only=[humaneval]`` on the tiny model: every method's row, lossless,
+    the confidence-gated row, the table, the plot and the headline last."""
+    import json
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from experiments import specbench
+
+    target, tok = tiny_random("llama", seed=0)
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = DraftConfig.from_target(target.config.to_dict(), num_layers=1)
+    state = {k: v.numpy() for k, v in target.state_dict().items()}
+    draft = export_draft(tmp_path / "draft", cfg, params_from_hf(state, cfg), tokenizer_dir=tmp_path / "tok")
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
+        cfg = compose("specbench", overrides=[
+            "target=tiny_random", f"output_dir={tmp_path / 'out'}", "only=[humaneval]", "threads=1",
+            "suites.humaneval.task.n=1", "suites.humaneval.max_new_tokens=8", f"drafts.undistilled={draft}",
+            f"drafts.tvd={draft}", "draft_lengths=[2,3]", "gamma=2", "draft_confidence=[0.01]"])
+    specbench.main(cfg)
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads((tmp_path / "out" / "specbench.json").read_text())
+    rows = report["results"]["humaneval"]
+    assert set(rows) == {"target", "undistilled@2", "tvd@2", "tvd@3", "tvd_p0.01@2", "prompt_lookup@2",
+                         "prompt_lookup@3", "hf_target", "hf_prompt_lookup@2", "hf_assisted_tvd@2"}
+    assert all(report["lossless"]["humaneval"].values()) and "lossless_greedy: True (target: True)" in lines
+    assert rows["tvd_p0.01@2"]["tokens_per_call"] >= 1 and rows["tvd@2"]["speedup"] > 0
+    assert (tmp_path / "out" / "speedup_vs_draft_length.png").stat().st_size > 0
+    assert "| tvd_p0.01@2 |" in (tmp_path / "out" / "specbench.md").read_text()
+    assert lines[-1].startswith("humaneval_draft_speedup: ")
+    assert specbench._draft_of("tvd_p0.4@4", {"tvd": "d"}) == "tvd" and specbench._draft_of("hf_target", {}) is None

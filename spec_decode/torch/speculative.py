@@ -116,11 +116,19 @@ class Sampling:
 class DraftProposer:
     """A draft model with its own KV cache (``DraftHandle``: the HF model and an optional reduced head).
 
-    Invariant between rounds: the cache holds a prefix of the committed ids, never the newest token.
+    ``min_confidence``: stop drafting at the first position where the draft's top probability (of its
+    processed distribution) is below this value, so a round proposes only what the draft is sure of and
+    may propose nothing (then it is one plain decoding step). A draft-length rule of the draft's own
+    distribution: the output stays exactly the target's.
+
+    Invariant between rounds: the cache holds a prefix of the committed ids.
     """
 
-    def __init__(self, draft: DraftHandle):
+    def __init__(self, draft: DraftHandle, min_confidence: float | None = None):
+        if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence={min_confidence} must be a probability in [0, 1] (or None: off)")
         self.draft = draft
+        self.min_confidence = min_confidence
         self.calls = 0
         self.generator: torch.Generator | None = None
 
@@ -141,8 +149,10 @@ class DraftProposer:
             logits = self.draft.next_logits(torch.tensor([pending]), self.cache)      # [V]
             self.calls += 1
             self.fed += pending
+            q = sampling.probs(logits) if sampling.do_sample or self.min_confidence is not None else None
+            if self.min_confidence is not None and float(q.max()) < self.min_confidence:
+                break
             if sampling.do_sample:
-                q = sampling.probs(logits)
                 tok = int(torch.multinomial(q, 1, generator=self.generator))
                 qs.append(q)
             else:
