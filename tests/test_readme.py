@@ -42,6 +42,6 @@ def test_readme_command_parses_and_composes(app, args):
     point = []                                             # one job of a sweep: the first value of each sweep
     for o in OverridesParser.create().parse_overrides([o for o in ns.overrides if not o.startswith("hydra")]):
         value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
-        point.append(f"{o.get_key_element()}={value}" if not o.is_delete() else f"~{o.get_key_element()}")
+        point.append(f"{o.get_key_element()}={value}" if not o.is_delete() else o.get_key_element())  # ~key
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         compose(app, overrides=point)
