@@ -41,6 +41,15 @@ def pipeline_errors() -> tuple[type[BaseException], ...]:
     return _classes(PIPELINE_ERRORS) + user_errors()
 
 
+def exit_on_bad_input(prog: str, fn: Callable, cfg, extra: tuple[type[BaseException], ...] = ()):
+    """``fn(cfg)``; bad input (``user_errors()`` and ``extra``) ends the process with the one-line message
+    ``<prog>: ...`` and exit status 1 instead of a traceback."""
+    try:
+        return fn(cfg)
+    except extra + user_errors() as e:
+        raise SystemExit(f"{prog}: {e}") from None
+
+
 def run_reporting_errors(fn: Callable, cfg) -> None:
     """``fn(cfg)``; a pipeline or input error is printed as one line, ``error: ...``, on stderr, and the
     process exits with status 2."""

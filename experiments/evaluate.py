@@ -260,18 +260,11 @@ def _track(cfg, results, summary, out_dir: Path) -> None:
     tracker.close()
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from experiments.cli import user_errors
-
-    return (TaskError, EvaluateError) + user_errors()
-
-
 def run_or_exit(cfg: DictConfig) -> float:
     """``run``, with bad input reported as one line and exit status 1 instead of a traceback."""
-    try:
-        return run(cfg)["headline"]["value"]
-    except _user_errors() as e:
-        raise SystemExit(f"evaluate: {e}") from None
+    from experiments.cli import exit_on_bad_input
+
+    return exit_on_bad_input("evaluate", run, cfg, (TaskError, EvaluateError))["headline"]["value"]
 
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=None)

@@ -41,6 +41,7 @@ from spec_decode.torch import (DraftHandle, DraftProposer, PromptLookupProposer,
 
 log = logging.getLogger(__name__)
 
+
 class SpecbenchError(ValueError):
     """Bad benchmark configuration (an unknown suite, a draft directory that does not exist)."""
 
@@ -393,12 +394,9 @@ def plot(results: dict, path: Path) -> None:
 
 @hydra.main(config_path="../configs", config_name="specbench", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from experiments.cli import user_errors
+    from experiments.cli import exit_on_bad_input
 
-    try:
-        report = run(cfg)
-    except (SpecbenchError,) + user_errors() as e:
-        raise SystemExit(f"specbench: {e}") from None
+    report = exit_on_bad_input("specbench", run, cfg, (SpecbenchError,))
     res = report["results"]
     print(table(res, report["lossless"], report["kinds"], report["selfspec"]))
     all_lossless = all(all(v.values()) for v in report["lossless"].values())

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from experiments.reporting import FULL, policy_label
-from namm.shards import atomic_write_bytes
 from experiments.tasks.registry import REGISTRY
+from namm.shards import atomic_write_bytes
 
 CATEGORIES = ("Single-Doc QA", "Multi-Doc QA", "Summarization", "Few-shot", "Synthetic", "Code")
 REFERENCE_FILE = Path(__file__).with_name("reference_scores.json")

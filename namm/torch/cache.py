@@ -109,9 +109,9 @@ class FullPolicy(TorchPolicy):
 
 def check_schedule(policy: TorchPolicy) -> None:
     """Raise ``CacheConfigError`` for a compressing policy whose schedule never updates (it would keep 100 %)."""
-    if getattr(policy, "evicts", False) and not policy.update_interval and not policy.final_update:
+    if policy.evicts and not policy.update_interval and not policy.final_update:
         raise CacheConfigError(
-            f"policy {getattr(policy, 'name', type(policy).__name__)!r} would never evict: update_interval="
+            f"policy {policy.name!r} would never evict: update_interval="
             f"{policy.update_interval} and final_update=False; set update_interval (e.g. 512) or final_update=true"
         )
 
