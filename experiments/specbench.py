@@ -121,6 +121,8 @@ def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, di
     records the c assumption and skipped policies.
     """
     policies, skipped = selfspec_policies(suite)
+    refresh = {name: {k: pol.pop(k) if k in pol else suite.get(k, default) for k, default in
+                      (("refresh_every", None), ("refresh_window", 32), ("fork_prefill", False))} for name, pol in policies.items()}
     gamma, n_new = int(suite.gamma), int(suite.max_new_tokens)
     acc: dict[tuple, SpecStats] = defaultdict(SpecStats)       # (key, group): group None (all prompts),
     # ("context", length) or ("task", name)
@@ -136,17 +138,18 @@ def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, di
         for name, pol in policies.items():
             for budget in suite.budgets:
                 key = f"{name}_{budget:g}@{gamma}"
-                proposer = SelfSpecProposer(target, {**pol, "budget": budget})
+                proposer = SelfSpecProposer(target, {**pol, "budget": budget}, **refresh[name])
                 o, s = speculative_generate(target, x, proposer, n_new, gamma=gamma, eos_token_id=eos)
                 same = o.tolist() == ref.tolist()
                 ok[key] &= same
                 for group in groups:
                     acc[(key, group)] = acc[(key, group)].merge(s)
                     kv[(key, group)].append(proposer.mean_kv_fraction)
-                meta[key] = {"policy": name, "budget": budget}
+                meta[key] = {"policy": name, "budget": budget, **refresh[name]}
                 per_prompt.append({"id": pid, "task": task, "context": ctx, "key": key, "accepted": sum(s.accepted),
                                    "proposed": sum(s.proposed), "alpha": s.acceptance_rate if s.proposed else None,
-                                   "kv_fraction": proposer.mean_kv_fraction, "lossless": same})
+                                   "kv_fraction": proposer.mean_kv_fraction, "refreshes": proposer.refreshes,
+                                   "lossless": same})
     named = sorted({g for _, g in acc if g is not None})     # (kind, value) of every context and task
     info = {"gamma": gamma, "predicted_speedup_kv": KV_DOMINATED, "skipped": skipped, "policies": policies,
             **{f"by_{kind}": {str(v): _selfspec_rows(acc, kv, meta, (kind, v), gamma)
@@ -299,11 +302,17 @@ def selfspec_table(suite: str, rows: dict, lossless: dict, info: dict | None = N
         ms = grp["target"]["ms_per_token"]
         lines.append(f"| {label} | target only ({ms:.1f} ms/token) | 1 | 1.000 | | 1.00 | | 1.00 | 1.00 | | | True |")
         for k, r in sorted(((k, r) for k, r in grp.items() if k != "target"), key=lambda kv: -kv[1]["alpha"]):
-            lines.append(f"| {label} | {k} | {r['budget']:g} | {r['kv_fraction']:.3f} | {r['alpha']:.3f} | "
+            how = ([f"refresh every {r['refresh_every']}, window {r['refresh_window']}"] if r.get("refresh_every")
+                   else []) + (["forked prefill"] if r.get("fork_prefill") else [])
+            name = k + (f" ({', '.join(how)})" if how else "")
+            lines.append(f"| {label} | {name} | {r['budget']:g} | {r['kv_fraction']:.3f} | {r['alpha']:.3f} | "
                          f"{r['tokens_per_call']:.2f} | {r['c']:.3f} | {r['speedup']:.2f} | {r['decode_speedup']:.2f} | "
                          f"{r['predicted_speedup']:.2f} | {r['predicted_speedup_kv']:.2f} | "
                          f"{lossless.get(k, True) if label == 'all' else ''} |")
-    lines += ["", f"speedup: end to end, including the draft cache's own chunked prefill; decode speedup: after the "
+    lines += ["", f"speedup: end to end, including the draft cache's own chunked prefill (and its refreshes: the "
+              "draft cache re-selected from the verifier's full cache by the attention of its last `window` verified "
+              "queries, every `refresh every` committed tokens; a forked prefill: the draft cache starts as the verifier's "
+              "prefill, re-selected by the prompt's last `window` queries, instead of its own); decode speedup: after the "
               f"prefills. Predicted: (1 - alpha^(g+1)) / ((1 - alpha)(g c + 1)); {KV_DOMINATED}. Lossless: greedy "
               "output equal to target-only greedy on every prompt.", ""]
     return lines

@@ -113,6 +113,97 @@ def test_sampling_runs_and_is_reproducible(tiny_llama):
     assert outs[0].tolist() == outs[3].tolist()                # a fixed seed gives the same sample
 
 
+REFRESHED = {**POLICIES, "snapkv": {"name": "snapkv", "budget": 0.5, "window": 16, **SCHEDULE},
+             "h2o_once": {"name": "h2o", "budget": 0.5, "chunk_size": 32, "update_interval": 0, "final_update": True}}
+
+
+@pytest.mark.parametrize("name", ["h2o", "h2o_once", "streamingllm", "snapkv", "namm_top_k"])
+def test_refresh_is_lossless_and_reselects_from_the_full_cache(tiny_llama, reference, name):
+    """Refreshed drafts: output equals target greedy, and each refresh rebuilds the draft cache from the verifier's."""
+    model, _ = tiny_llama
+    proposer = SelfSpecProposer(model, REFRESHED[name], refresh_every=8, refresh_window=16)
+    out, stats = speculative_generate(model, PROMPT, proposer, N_NEW, gamma=4)
+    assert out.tolist() == reference.tolist()
+    assert 3 <= proposer.refreshes <= N_NEW // 8
+    # one more refresh, from a verifier cache built independently over the committed tokens
+    ids = out[0].tolist()
+    target_cache = proposer.make_target_cache(model)
+    model(out[:, :-1], past_key_values=target_cache, use_cache=True)
+    assert [q.shape[2] for q in target_cache.layers[0].queries] == [16 + 8]      # the window and the slack
+    proposer.refreshed_at = -N_NEW
+    proposer.sync(ids, target_cache)
+    cache, full = proposer.cache, target_cache
+    assert cache.seen_tokens == len(ids) - 1 and proposer.fed == ids[:-1]
+    assert 0.45 < cache.kv_fraction() <= 0.5 + 1 / cache.seen_tokens
+    for a, b in zip(cache.layers, full.layers):
+        assert b.stored == len(ids) - 1 and a.n_pending == 0 and a.queries == []
+        pos = a.positions[..., None].expand(*a.positions.shape, a.keys.shape[-1])     # kept K/V are the full ones
+        torch.testing.assert_close(a.keys, torch.gather(b.keys, 2, pos), rtol=0, atol=0)
+        torch.testing.assert_close(a.values, torch.gather(b.values, 2, pos), rtol=0, atol=0)
+    if name == "streamingllm":                        # positions only: sinks and the newest tokens
+        newest = set(range(len(ids) - 1 - (cache.layers[0].stored - 4), len(ids) - 1))
+        assert set(cache.layers[0].positions[0, 0].tolist()) == set(range(4)) | newest
+    # the fork shares nothing the verifier can change: its cache is untouched by the draft's next round
+    before = [layer.keys.clone() for layer in full.layers]
+    proposer.propose(ids, 4, Sampling())
+    proposer.commit(ids)
+    assert all(torch.equal(x, layer.keys) for x, layer in zip(before, full.layers))
+
+
+@pytest.mark.parametrize("refresh_every", [None, 8])
+def test_fork_prefill_computes_the_prompt_once(tiny_llama, reference, refresh_every):
+    """fork_prefill: the draft cache starts as the verifier's prefill, re-selected; no second prefill, lossless."""
+    model, _ = tiny_llama
+    proposer = SelfSpecProposer(model, REFRESHED["h2o_once"], refresh_every=refresh_every, fork_prefill=True)
+    ids = PROMPT[0].tolist()
+    target_cache = proposer.make_target_cache(model)
+    model(PROMPT[:, :-1], past_key_values=target_cache, use_cache=True)
+    proposer.start(ids)
+    assert proposer.cache.seen_tokens == 0                   # nothing prefilled by the draft itself
+    proposer.sync(ids, target_cache)
+    assert proposer.cache.seen_tokens == len(ids) - 1 and proposer.refreshes == 0
+    assert 0.45 < proposer.kv_fraction <= 0.51
+    long_calls = []                                          # forwards over more tokens than a verification
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: long_calls.append(1) if kw.get("input_ids", args[0] if args else None).shape[1] > 5
+        else None, with_kwargs=True)
+    try:
+        out, stats = speculative_generate(model, PROMPT, proposer, N_NEW, gamma=4)
+    finally:
+        hook.remove()
+    assert out.tolist() == reference.tolist()
+    assert (proposer.refreshes >= 3) if refresh_every else (proposer.refreshes == 0)
+    assert len(long_calls) == 1                                # the verifier's prefill, and no draft prefill
+
+
+def test_refresh_sampling_and_bad_settings(tiny_llama):
+    model, _ = tiny_llama
+    outs = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(1)
+        out, stats = speculative_generate(model, PROMPT, SelfSpecProposer(model, POLICIES["h2o"], refresh_every=4),
+                                          16, gamma=3, sampling=Sampling(do_sample=True, top_k=20), generator=g)
+        assert stats.new_tokens == 16
+        outs.append(out.tolist())
+    assert outs[0] == outs[1]
+    for kw, msg in (({"refresh_every": 0}, "refresh_every=0"), ({"refresh_window": 0}, "refresh_window=0")):
+        with pytest.raises(ValueError, match=msg):
+            SelfSpecProposer(model, POLICIES["h2o"], **kw)
+    one = PROMPT[:, :1]                               # a one-token prompt: nothing to fork until tokens are committed
+    proposer = SelfSpecProposer(model, POLICIES["h2o"], refresh_every=4, fork_prefill=True)
+    assert speculative_generate(model, one, proposer, 12, gamma=3)[0].tolist() == \
+        autoregressive_generate(model, one, 12)[0].tolist()
+    assert proposer.refreshes >= 1
+    assert SelfSpecProposer(model, POLICIES["h2o"]).make_target_cache(model) is None       # no refresh: sdpa cache
+    from namm.torch import FullPolicy
+    from namm.torch.cache import CacheConfigError
+    full = FullPolicy().make_cache(model)             # a full cache that buffered no queries cannot drive H2O
+    model(PROMPT[:, :64], past_key_values=full, use_cache=True)
+    fork = full.fork(model, SelfSpecProposer(model, POLICIES["h2o"]).policy)
+    with pytest.raises(CacheConfigError, match="buffered no queries"):
+        fork.reselect()
+
+
 def test_specbench_selfspec_end_to_end(tmp_path, capsys):
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
         cfg = compose("specbench", overrides=[
@@ -124,13 +215,16 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
         cfg.suites.selfspec.policies = {
             "namm": POLICIES["namm_top_k"], "namm_trained": {"name": "namm", "path": str(tmp_path / "missing")},
             "h2o": {**POLICIES["h2o"], "final_update": False},
-            "streamingllm": {**POLICIES["streamingllm"], "final_update": False}}
+            "streamingllm": {**POLICIES["streamingllm"], "final_update": False},
+            "h2o_refreshed": {**POLICIES["h2o"], "final_update": False, "refresh_every": 4,
+                              "fork_prefill": True}}
     specbench.main(cfg)
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads((tmp_path / "specbench.json").read_text())
     rows = report["results"]["selfspec"]
     assert set(report["results"]) == {"selfspec"} and report["drafts"] == {}
-    assert set(rows) == {"target", "namm_0.5@4", "h2o_0.5@4", "streamingllm_0.5@4"}
+    assert set(rows) == {"target", "namm_0.5@4", "h2o_0.5@4", "streamingllm_0.5@4", "h2o_refreshed_0.5@4"}
+    assert rows["h2o_refreshed_0.5@4"]["refresh_every"] == 4 and rows["h2o_0.5@4"]["refresh_every"] is None
     assert all(report["lossless"]["selfspec"].values()) and "lossless_greedy: True (target: True)" in lines
     assert "namm_trained" in report["selfspec"]["selfspec"]["skipped"]
     assert "c = budget" in report["selfspec"]["selfspec"]["predicted_speedup_kv"]
@@ -146,11 +240,12 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
         assert rows[key]["new_tokens"] == sum(by_ctx[g][key]["new_tokens"] for g in by_ctx)
     assert set(report["selfspec"]["selfspec"]["by_task"]) == {"kv_retrieval"}
     per_prompt = report["selfspec"]["selfspec"]["per_prompt"]
-    assert len(per_prompt) == 2 * 3 and {p["context"] for p in per_prompt} == {300, 400}
+    assert sum(p["refreshes"] for p in per_prompt if p["key"] == "h2o_refreshed_0.5@4") >= 2
+    assert len(per_prompt) == 2 * 4 and {p["context"] for p in per_prompt} == {300, 400}
     h2o = [p for p in per_prompt if p["key"] == "h2o_0.5@4"]
     assert sum(p["accepted"] for p in h2o) / sum(p["proposed"] for p in h2o) == pytest.approx(rows["h2o_0.5@4"]["alpha"])
     md = (tmp_path / "specbench.md").read_text()
-    assert "| kv_retrieval | h2o_0.5@4 |" in md
+    assert "| kv_retrieval | h2o_0.5@4 |" in md and "| all | h2o_refreshed_0.5@4 (refresh every 4, window 32, forked prefill) |" in md
     assert "c = budget" in md and "| all | namm_0.5@4 | 0.5 |" in md and "| 300 | namm_0.5@4 | 0.5 |" in md
     assert any(re.fullmatch(r"selfspec_namm_acceptance_400@0.5: [\d.]+ \(target: .*\)", x) for x in lines)
     assert any(x.startswith("selfspec_namm_trained_acceptance@0.5: n/a (skipped") for x in lines)
@@ -170,3 +265,23 @@ def test_specbench_bad_input_is_one_line(tmp_path, overrides, message):
     with pytest.raises(SystemExit) as e:
         specbench.main(cfg)
     assert str(e.value).startswith("specbench: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_refreshed_namm_self_speculation_on_smollm2():
+    """The bundled NAMM at a 25 % cap drafts for SmolLM2 on a key-value lookup, refreshed every 8 tokens: lossless."""
+    from experiments.models import load_model
+    from experiments.tasks import build_prompt, load_task
+
+    model, tok = load_model("smollm2")
+    (row,) = load_task({"name": "builtin", "tasks": ["kv_retrieval"], "context_lengths": [1024], "n": 1}, tok,
+                       split="test")
+    p = build_prompt(row, tok, chat=False)
+    x = torch.tensor([list(p.context_ids) + list(p.question_ids)])
+    ref, _ = autoregressive_generate(model, x, 24)
+    policy = {"name": "namm", "path": "smollm2-i1", "threshold": -1e30, "budget": 0.25, "update_interval": 0,
+              "final_update": True}
+    proposer = SelfSpecProposer(model, policy, refresh_every=8)
+    out, stats = speculative_generate(model, x, proposer, 24, gamma=4)
+    assert out.tolist() == ref.tolist() and proposer.refreshes >= 2
+    assert 0.24 < proposer.mean_kv_fraction < 0.27 and stats.acceptance_rate > 0

@@ -8,12 +8,14 @@
     model.generate(ids, past_key_values=cache, prefill_chunk_size=cache.chunk_size, max_new_tokens=64)
 """
 
-from namm.torch.cache import FullPolicy, NAMMCache, NAMMLayer, PolicyUpdate, TorchPolicy, model_signature
+from namm.torch.cache import (FullPolicy, NAMMCache, NAMMLayer, PolicyUpdate, RecentQueries, TorchPolicy,
+                              model_signature)
 from namm.torch.generate import GenerationOutput, greedy_generate
 from namm.torch.policies import PolicyConfigError, build_policy
 
 __all__ = [
     "FullPolicy",
+    "RecentQueries",
     "GenerationOutput",
     "NAMMCache",
     "NAMMLayer",

@@ -107,6 +107,22 @@ class FullPolicy(TorchPolicy):
         return PolicyUpdate(state=state)
 
 
+class RecentQueries(FullPolicy):
+    """Keep every token and buffer the post-RoPE queries of the last ``window`` tokens (never evicts).
+
+    The verifier's cache in refreshed self-speculation: a compressing policy forked from it
+    (``NAMMCache.fork``) reads the attention of these queries over the full cache to re-select its tokens.
+    """
+
+    name = "full"
+    needs_attention = True
+
+    def __init__(self, window: int):
+        if int(window) < 1:
+            raise ValueError(f"window={window} must be >= 1 (queries to buffer)")
+        self.query_window = int(window)
+
+
 def check_schedule(policy: TorchPolicy) -> None:
     """Raise ``CacheConfigError`` for a compressing policy whose schedule never updates (it would keep 100 %)."""
     if policy.evicts and not policy.update_interval and not policy.final_update:
@@ -225,8 +241,8 @@ class NAMMLayer(DynamicLayer):
         total = sum(q.shape[2] for q in self.queries)
         while self.queries and total - self.queries[0].shape[2] >= window:
             total -= self.queries.pop(0).shape[2]
-        if total > window:
-            self.queries[0] = self.queries[0][:, :, total - window :]
+        if total > window:  # a copy: a view would keep the whole chunk's queries alive
+            self.queries[0] = self.queries[0][:, :, total - window :].clone()
 
     # --- policy ----------------------------------------------------------------------------------
     def pending_rows(self) -> torch.Tensor | None:
@@ -384,6 +400,21 @@ class NAMMCache(Cache):
                         dict(value) if isinstance(value, dict) else value)
         new.peak_bytes = self.peak_bytes
         return new
+
+    def reselect(self) -> None:
+        """One update of the policy on every layer over all stored tokens, as at the end of a prefill.
+
+        For a cache just forked from a full one: every token counts as new (no policy state), and the
+        attention rows are those of the queries the source buffered (``RecentQueries``)."""
+        for layer in self.layers:
+            layer.prefill_closed, layer.frozen, layer.last_update_seen = True, False, 0
+            layer.state = {}
+            if self.policy.needs_attention and not layer.queries:
+                raise CacheConfigError(
+                    f"policy {self.policy.name!r} reads attention, but the source cache buffered no queries; "
+                    "fork from a cache made with RecentQueries(window).make_cache(model)")
+            layer.run_update(final=True)
+        self.peak_bytes = self.kv_bytes()
 
     def track_bytes(self) -> None:
         """Record the peak of the physical K/V bytes (called after every append)."""

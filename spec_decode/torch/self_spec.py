@@ -14,6 +14,17 @@ there exactly as in ``namm.torch.generate.greedy_generate``), then drafts at mos
 update point (``room``). Rejected drafts are therefore always after the last update, and ``crop``
 removes them together with their buffered queries; accepted drafts stay, exactly as if they had
 been fed as committed tokens. Once per ``update_interval`` tokens a round drafts fewer tokens.
+
+Refresh (``refresh_every=R``; TriForce re-builds its draft cache from the full one in the same spirit).
+An evicted token is gone from the draft cache for good, but not from the verifier's: the loop gives the
+verifier a full cache that also buffers its last ``refresh_window`` queries (``make_target_cache``), and
+once at least R tokens were committed since the last refresh (``sync``, after a round's commit) the draft
+cache is forked from it and the policy re-selects its budget from the attention of those recent verified
+queries (``NAMMCache.reselect``: every token is new, no policy state carries over). Tokens the answer
+needs that the prompt's own attention did not single out (a value looked up late in the answer) come back.
+``fork_prefill``: the draft cache is not prefilled on its own either, but forked from the verifier's
+prefill and selected by the attention of the prompt's last ``refresh_window`` queries (one prefill in
+all, where the default computes the prompt twice).
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from collections.abc import Mapping
 
 import torch
 
-from namm.torch.cache import NAMMCache, TorchPolicy
+from namm.torch.cache import NAMMCache, RecentQueries, TorchPolicy
 from namm.torch.generate import prefill
 from namm.torch.policies import build_policy
 from spec_decode.torch.speculative import DraftProposer
@@ -40,20 +51,34 @@ class SelfSpecProposer(DraftProposer):
     an uncommitted token.
     """
 
-    def __init__(self, model, policy: TorchPolicy | Mapping):
+    def __init__(self, model, policy: TorchPolicy | Mapping, refresh_every: int | None = None,
+                 refresh_window: int = 32, fork_prefill: bool = False):
+        if refresh_every is not None and int(refresh_every) < 1:
+            raise ValueError(f"refresh_every={refresh_every} must be >= 1 committed tokens (or None: never refresh)")
+        if int(refresh_window) < 1:
+            raise ValueError(f"refresh_window={refresh_window} must be >= 1 verified queries")
         self.model = model
         self.policy = build_policy(policy) if isinstance(policy, Mapping) else policy
+        self.refresh_every = int(refresh_every) if refresh_every else None
+        self.refresh_window = int(refresh_window)
+        self.fork_prefill = bool(fork_prefill)
+        self.refreshes = 0
         self.calls = 0
         self.generator: torch.Generator | None = None
         self.kv_fractions: list[float] = []   # stored / seen of the draft cache at each round
         self.cache: NAMMCache | None = None
 
     def start(self, ids: list[int]) -> None:
-        """Chunked prefill of everything but the newest token, evicting as the policy dictates."""
+        """Chunked prefill of everything but the newest token, evicting as the policy dictates; with
+        ``fork_prefill`` nothing here: the first ``sync`` (right after this) forks the verifier's prefill."""
         self.cache = self.policy.make_cache(self.model)
         self.fed: list[int] = []
         self.base = 0
         self.kv_fractions = []
+        self.refreshed_at = -math.inf if self.fork_prefill else len(ids) - 1
+        self.refreshes = 0
+        if self.fork_prefill:
+            return
         if len(ids) > 1:
             self._feed(ids[:-1])
             self.fed = list(ids[:-1])
@@ -93,6 +118,34 @@ class SelfSpecProposer(DraftProposer):
             else:
                 toks.append(int(torch.argmax(logits)))
         return toks, (torch.stack(qs) if qs else None)
+
+    def make_target_cache(self, target):
+        """The verifier's cache (``speculative_generate`` asks for it): full, buffering the last verified
+        queries when refreshing (a few more than ``refresh_window``: rejected drafts' queries are rolled
+        back); None (a plain ``DynamicCache``) otherwise."""
+        if not (self.refresh_every or self.fork_prefill):
+            return None
+        if target is not self.model:
+            raise ValueError("a refreshed self-speculation draft is the target itself; pass the same model")
+        return RecentQueries(self.refresh_window + 8).make_cache(target)
+
+    def sync(self, ids: list[int], target_cache) -> None:
+        """After ``start`` and after each round's commit: refresh the draft cache from ``target_cache`` (holding
+        ``ids[:-1]``) when at least ``refresh_every`` tokens were committed since the last refresh, or fork
+        the verifier's prefill (``fork_prefill``, first call)."""
+        if self.refreshed_at > -math.inf and (
+                not self.refresh_every or len(ids) - 1 - self.refreshed_at < self.refresh_every):
+            return
+        if target_cache.seen_tokens == 0:                 # a one-token prompt: nothing to fork yet
+            self.refreshed_at = len(ids) - 1
+            return
+        cache = target_cache.fork(self.model, self.policy)
+        for layer in cache.layers:
+            layer._trim_queries(self.refresh_window)
+        cache.reselect()
+        self.cache, self.fed = cache, list(ids[:-1])
+        self.refreshes += self.refreshed_at > -math.inf     # the forked prefill is not a refresh
+        self.refreshed_at = len(ids) - 1
 
     @property
     def kv_fraction(self) -> float:

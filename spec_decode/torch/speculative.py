@@ -81,7 +81,12 @@ class SpecStats:
 
 
 class Proposer(Protocol):
-    """Proposes up to ``gamma`` tokens after ``ids``; ``q`` is ``[g, V]`` probabilities or None (one-hot)."""
+    """Proposes up to ``gamma`` tokens after ``ids``; ``q`` is ``[g, V]`` probabilities or None (one-hot).
+
+    Optional: ``make_target_cache(target)`` returns the verifier's cache (None: a ``DynamicCache``), and
+    ``sync(ids, target_cache)`` runs after every ``commit`` (timed as drafting), e.g. to re-select a
+    compressed draft cache from the verifier's full one (``SelfSpecProposer(refresh_every=...)``).
+    """
 
     def start(self, ids: list[int]) -> None: ...
 
@@ -192,7 +197,9 @@ def speculative_generate(target, input_ids: torch.Tensor, proposer, max_new_toke
     t_start = time.perf_counter()
     ids = input_ids[0].tolist()
     prompt_len = len(ids)
-    cache = DynamicCache(config=target.config)
+    make_cache = getattr(proposer, "make_target_cache", None)   # optional hooks (SelfSpecProposer's refresh)
+    sync = getattr(proposer, "sync", None)
+    cache = (make_cache(target) if make_cache else None) or DynamicCache(config=target.config)
     t0 = time.perf_counter()
     if prompt_len > 1:
         target(input_ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -201,6 +208,8 @@ def speculative_generate(target, input_ids: torch.Tensor, proposer, max_new_toke
     proposer.generator = generator
     t0 = time.perf_counter()
     proposer.start(ids)
+    if sync is not None:
+        sync(ids, cache)
     stats.prefill_time += time.perf_counter() - t0
     g = gamma
     while len(ids) - prompt_len < max_new_tokens:
@@ -220,6 +229,10 @@ def speculative_generate(target, input_ids: torch.Tensor, proposer, max_new_toke
         ids += new
         stats.new_tokens += len(new)
         proposer.commit(ids)
+        if sync is not None:
+            t0 = time.perf_counter()
+            sync(ids, cache)              # the proposer may read the verifier's cache (it holds ids[:-1])
+            stats.draft_time += time.perf_counter() - t0
         if adaptive and g_now > 0:
             g = min(g + 1, gamma_max) if n == g_now else max(g - 1, 1)
         if eos & set(new):
