@@ -121,8 +121,7 @@ def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, di
     records the c assumption and skipped policies.
     """
     policies, skipped = selfspec_policies(suite)
-    refresh = {name: {k: pol.pop(k) if k in pol else suite.get(k, default) for k, default in
-                      (("refresh_every", None), ("refresh_window", 32), ("fork_prefill", False))} for name, pol in policies.items()}
+    refresh = {name: _refresh_settings(suite, pol) for name, pol in policies.items()}
     gamma, n_new = int(suite.gamma), int(suite.max_new_tokens)
     acc: dict[tuple, SpecStats] = defaultdict(SpecStats)       # (key, group): group None (all prompts),
     # ("context", length) or ("task", name)
@@ -156,6 +155,15 @@ def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, di
                               for k, v in named if k == kind} for kind in ("context", "task")},
             "per_prompt": per_prompt}
     return _selfspec_rows(acc, kv, meta, None, gamma), dict(ok), info
+
+
+REFRESH_DEFAULTS = {"refresh_every": None, "refresh_window": 32, "fork_prefill": False}   # SelfSpecProposer's
+
+
+def _refresh_settings(suite, pol: dict) -> dict:
+    """``SelfSpecProposer``'s refresh keywords for one policy entry: the entry's own keys (taken out of ``pol``,
+    which then holds only policy knobs), else the suite's, else the defaults."""
+    return {k: pol.pop(k) if k in pol else suite.get(k, default) for k, default in REFRESH_DEFAULTS.items()}
 
 
 def _selfspec_rows(acc: dict, kv: dict, meta: dict, group, gamma: int) -> dict:

@@ -401,14 +401,17 @@ class NAMMCache(Cache):
         new.peak_bytes = self.peak_bytes
         return new
 
-    def reselect(self) -> None:
+    def reselect(self, window: int | None = None) -> None:
         """One update of the policy on every layer over all stored tokens, as at the end of a prefill.
 
         For a cache just forked from a full one: every token counts as new (no policy state), and the
-        attention rows are those of the queries the source buffered (``RecentQueries``)."""
+        attention rows are those of the queries the source buffered (``RecentQueries``), the last
+        ``window`` of them when given."""
         for layer in self.layers:
             layer.prefill_closed, layer.frozen, layer.last_update_seen = True, False, 0
             layer.state = {}
+            if window:
+                layer._trim_queries(window)
             if self.policy.needs_attention and not layer.queries:
                 raise CacheConfigError(
                     f"policy {self.policy.name!r} reads attention, but the source cache buffered no queries; "

@@ -140,9 +140,7 @@ class SelfSpecProposer(DraftProposer):
             self.refreshed_at = len(ids) - 1
             return
         cache = target_cache.fork(self.model, self.policy)
-        for layer in cache.layers:
-            layer._trim_queries(self.refresh_window)
-        cache.reselect()
+        cache.reselect(self.refresh_window)
         self.cache, self.fed = cache, list(ids[:-1])
         self.refreshes += self.refreshed_at > -math.inf     # the forked prefill is not a refresh
         self.refreshed_at = len(ids) - 1
