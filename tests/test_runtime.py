@@ -239,6 +239,34 @@ def test_masked_mode_and_random_namm(models):
     assert capped.stored_tokens == [resolve_budget(0.25, 96) + 8] * 2
 
 
+def test_namm_recent_fraction_keeps_the_newest_tokens(models):
+    """recent_fraction: the newest floor(fraction * cap) tokens of every head survive a capped update whatever
+    their score; the rest of the cap goes by score, so the cache still holds exactly the cap."""
+    model = models["llama"]
+    cfg = NAMMConfig(features=FeatureConfig(chunk_size=16, update_interval=0))
+    flat = torch.randn(4172, generator=torch.Generator().manual_seed(5)) * 0.3
+    ids = ids_of(100, seed=4)
+
+    def kept(**kw):
+        cache = NAMMPolicy.from_flat(flat, cfg, threshold=-1e30, budget=0.25, final_update=True, **kw).make_cache(model)
+        prefill(model, cache, ids)
+        cache.end_prefill()
+        return [layer.positions[0] for layer in cache.layers]
+
+    cap = resolve_budget(0.25, 100)
+    plain, recent = kept(), kept(recent_fraction=0.5)
+    newest = set(range(100 - int(0.5 * cap), 100))
+    for pos in recent:
+        assert pos.shape[-1] == cap
+        assert all(newest <= set(head.tolist()) for head in pos)
+    assert any(not newest <= set(head.tolist()) for pos in plain for head in pos)  # not so by score alone
+    with pytest.raises(ValueError, match="recent_fraction"):
+        NAMMPolicy.untrained(cfg, recent_fraction=0.5)          # no budget to protect a part of
+    with pytest.raises(ValueError, match="recent_fraction"):
+        NAMMPolicy.untrained(cfg, budget=0.25, recent_fraction=1.5)
+    assert build_policy({"name": "namm", "path": "untrained", "budget": 0.25, "recent_fraction": 0.25}).recent_fraction == 0.25
+
+
 @pytest.mark.parametrize("extra", [5, 16, 21])
 def test_namm_final_update_on_a_short_tail(models, extra):
     """The end-of-prefill update with fewer than hop (16) new queries has no frame: it must still run."""

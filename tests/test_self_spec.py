@@ -114,10 +114,11 @@ def test_sampling_runs_and_is_reproducible(tiny_llama):
 
 
 REFRESHED = {**POLICIES, "snapkv": {"name": "snapkv", "budget": 0.5, "window": 16, **SCHEDULE},
-             "h2o_once": {"name": "h2o", "budget": 0.5, "chunk_size": 32, "update_interval": 0, "final_update": True}}
+             "h2o_once": {"name": "h2o", "budget": 0.5, "chunk_size": 32, "update_interval": 0, "final_update": True},
+             "namm_recent": {"name": "namm", "path": "untrained", "budget": 0.5, "recent_fraction": 0.5, **SCHEDULE}}
 
 
-@pytest.mark.parametrize("name", ["h2o", "h2o_once", "streamingllm", "snapkv", "namm_top_k"])
+@pytest.mark.parametrize("name", ["h2o", "h2o_once", "streamingllm", "snapkv", "namm_top_k", "namm_recent"])
 def test_refresh_is_lossless_and_reselects_from_the_full_cache(tiny_llama, reference, name):
     """Refreshed drafts: output equals target greedy, and each refresh rebuilds the draft cache from the verifier's."""
     model, _ = tiny_llama
@@ -143,6 +144,11 @@ def test_refresh_is_lossless_and_reselects_from_the_full_cache(tiny_llama, refer
     if name == "streamingllm":                        # positions only: sinks and the newest tokens
         newest = set(range(len(ids) - 1 - (cache.layers[0].stored - 4), len(ids) - 1))
         assert set(cache.layers[0].positions[0, 0].tolist()) == set(range(4)) | newest
+    if name.startswith("namm"):                       # all-zero scores: the oldest tokens win ties, unless protected
+        cap = cache.layers[0].stored
+        newest = set(range(len(ids) - 1 - cap // 4, len(ids) - 1))
+        kept = set(cache.layers[0].positions[0, 0].tolist())
+        assert (newest <= kept) == (name == "namm_recent")
     # the fork shares nothing the verifier can change: its cache is untouched by the draft's next round
     before = [layer.keys.clone() for layer in full.layers]
     proposer.propose(ids, 4, Sampling())

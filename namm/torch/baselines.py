@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from namm.torch.cache import PolicyUpdate, TorchPolicy
-from namm.torch.selection import kept_indices
+from namm.torch.selection import kept_indices, recent_mask
 
 
 def check_budget(budget) -> int | float:
@@ -59,12 +59,6 @@ def rank_lex(tier: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return rank
-
-
-def recent_mask(pos: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
-    """``[..., N]`` True for the ``n`` most recent valid tokens of each head."""
-    key = torch.where(valid, pos.float(), torch.full_like(pos, -(2**31), dtype=torch.float32))
-    return valid & (rank_lex(torch.zeros_like(key), key) < n)
 
 
 def keep_mask(score, valid, newest, budget: int, protected=None) -> torch.Tensor:

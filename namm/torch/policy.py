@@ -62,6 +62,8 @@ class NAMMPolicy(TorchPolicy):
     params: named tensors of ``namm.scoring.param_layout`` (shared), or with a leading
     ``[num_layers, num_kv_heads]`` (not shared). norm_stats: ``(mean [S], var [S])`` or None (no
     normalisation). ``budget``: optional top-k cap as a token count or a fraction of the tokens seen.
+    ``recent_fraction`` (runtime only, default 0 as in the paper): the newest ``floor(recent_fraction * cap)``
+    tokens of each head are kept whatever their score (H2O's recent window), the rest of the cap by score.
     """
 
     name = "namm"
@@ -82,6 +84,7 @@ class NAMMPolicy(TorchPolicy):
         mode: str | None = None,
         threshold: float | None = None,
         top_k: int | None = None,
+        recent_fraction: float = 0.0,
     ):
         sel = cfg.selection
         if mode is not None or threshold is not None or top_k is not None:
@@ -107,6 +110,12 @@ class NAMMPolicy(TorchPolicy):
         if budget is not None:
             selection.budget_tokens(budget, 1)  # validates
         self.budget = budget
+        if not 0.0 <= float(recent_fraction) <= 1.0:
+            raise ValueError(f"namm: recent_fraction={recent_fraction} must be in [0, 1]")
+        if recent_fraction and budget is None:
+            raise ValueError(f"namm: recent_fraction={recent_fraction} protects part of a budget; set budget too "
+                             "(a token count or a fraction of the tokens seen)")
+        self.recent_fraction = float(recent_fraction)
         self.params = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in params.items()}
         self._check_params()
         if norm_stats is not None:
@@ -156,7 +165,7 @@ class NAMMPolicy(TorchPolicy):
         """Load a policy directory written by ``namm.export.save_pretrained``, or a bundled policy by name
         (``namm.pretrained.available()``).
 
-        overrides: budget, chunk_size, update_interval, final_update, mode, threshold, top_k. A policy
+        overrides: budget, chunk_size, update_interval, final_update, mode, threshold, top_k, recent_fraction. A policy
         evolved under a cap (``trained_budget`` in its config) runs at that cap unless ``budget`` is given;
         likewise its ``trained_schedule`` (chunk_size, update_interval, final_update) for keys not given.
         """
@@ -243,6 +252,7 @@ class NAMMPolicy(TorchPolicy):
             "budget": self.budget,
             "chunk_size": self.chunk_size,
             "update_interval": self.update_interval,
+            "recent_fraction": self.recent_fraction,
         }
 
     # --- one update ------------------------------------------------------------------------------
@@ -281,10 +291,12 @@ class NAMMPolicy(TorchPolicy):
         valid_full = torch.ones(positions.shape, dtype=torch.bool, device=positions.device) if valid is None else valid
         scores = scoring.score_tokens(params, self.cfg, feats, valid)
         sel = self.cfg.selection
+        newest = selection.newest_mask(positions, valid_full)
         if self.budget is not None:
             cap = selection.budget_tokens(self.budget, seen)
             sel = replace(sel, top_k=cap if sel.top_k is None else min(cap, sel.top_k))
-        newest = selection.newest_mask(positions, valid_full)
+            if self.recent_fraction:   # the newest tokens rank first, as the newest one always does
+                newest = newest | selection.recent_mask(positions, valid_full, int(self.recent_fraction * cap))
         return selection.select(scores, valid_full, newest, sel), scores, sel
 
     def update(self, state, rows, keys, positions, valid, n_new, seen, layer_idx, final):

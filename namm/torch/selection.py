@@ -20,6 +20,12 @@ def newest_mask(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return valid & (positions == latest)
 
 
+def recent_mask(positions: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """``[..., N]`` True for the ``n`` most recent valid tokens of each head (by position)."""
+    key = torch.where(valid, positions.float(), torch.full_like(positions, -(2**31), dtype=torch.float32))
+    return valid & (rank_desc(key) < n)
+
+
 def rank_desc(key: torch.Tensor) -> torch.Tensor:
     """Rank of each entry in a stable descending sort along the last axis (0 = best)."""
     order = torch.argsort(-key, dim=-1, stable=True)
