@@ -264,6 +264,8 @@ def test_namm_recent_fraction_keeps_the_newest_tokens(models):
         NAMMPolicy.untrained(cfg, recent_fraction=0.5)          # no budget to protect a part of
     with pytest.raises(ValueError, match="recent_fraction"):
         NAMMPolicy.untrained(cfg, budget=0.25, recent_fraction=1.5)
+    with pytest.raises(ValueError, match="recent_fraction='half' must be a number"):
+        build_policy({"name": "namm", "path": "untrained", "budget": 0.25, "recent_fraction": "half"})
     assert build_policy({"name": "namm", "path": "untrained", "budget": 0.25, "recent_fraction": 0.25}).recent_fraction == 0.25
 
 

@@ -110,8 +110,9 @@ class NAMMPolicy(TorchPolicy):
         if budget is not None:
             selection.budget_tokens(budget, 1)  # validates
         self.budget = budget
-        if not 0.0 <= float(recent_fraction) <= 1.0:
-            raise ValueError(f"namm: recent_fraction={recent_fraction} must be in [0, 1]")
+        if isinstance(recent_fraction, bool) or not isinstance(recent_fraction, (int, float)) \
+                or not 0.0 <= recent_fraction <= 1.0:
+            raise ValueError(f"namm: recent_fraction={recent_fraction!r} must be a number in [0, 1]")
         if recent_fraction and budget is None:
             raise ValueError(f"namm: recent_fraction={recent_fraction} protects part of a budget; set budget too "
                              "(a token count or a fraction of the tokens seen)")
