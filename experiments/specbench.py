@@ -157,7 +157,8 @@ def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, di
     return _selfspec_rows(acc, kv, meta, None, gamma), dict(ok), info
 
 
-REFRESH_DEFAULTS = {"refresh_every": None, "refresh_window": 32, "fork_prefill": False}   # SelfSpecProposer's
+REFRESH_DEFAULTS = {"refresh_every": None, "refresh_window": 32, "fork_prefill": False,   # SelfSpecProposer's
+                    "carry_state": False}
 
 
 def _refresh_settings(suite, pol: dict) -> dict:
@@ -311,7 +312,8 @@ def selfspec_table(suite: str, rows: dict, lossless: dict, info: dict | None = N
         lines.append(f"| {label} | target only ({ms:.1f} ms/token) | 1 | 1.000 | | 1.00 | | 1.00 | 1.00 | | | True |")
         for k, r in sorted(((k, r) for k, r in grp.items() if k != "target"), key=lambda kv: -kv[1]["alpha"]):
             how = ([f"refresh every {r['refresh_every']}, window {r['refresh_window']}"] if r.get("refresh_every")
-                   else []) + (["forked prefill"] if r.get("fork_prefill") else [])
+                   else []) + (["state carried"] if r.get("carry_state") else []) \
+                + (["forked prefill"] if r.get("fork_prefill") else [])
             name = k + (f" ({', '.join(how)})" if how else "")
             lines.append(f"| {label} | {name} | {r['budget']:g} | {r['kv_fraction']:.3f} | {r['alpha']:.3f} | "
                          f"{r['tokens_per_call']:.2f} | {r['c']:.3f} | {r['speedup']:.2f} | {r['decode_speedup']:.2f} | "

@@ -5,6 +5,7 @@ prefill and during decoding, and rejected drafts are rolled back around the evic
 """
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from omegaconf import open_dict
 from transformers import DynamicCache
 
 from experiments import specbench
+from namm.torch.cache import CacheConfigError
 from namm.torch.generate import prefill
 from spec_decode.torch import Sampling, SelfSpecProposer, autoregressive_generate, speculative_generate
 
@@ -156,6 +158,75 @@ def test_refresh_is_lossless_and_reselects_from_the_full_cache(tiny_llama, refer
     assert all(torch.equal(x, layer.keys) for x, layer in zip(before, full.layers))
 
 
+def _random_namm(seed: int, **kw):
+    """A NAMM with random weights (distinct scores, so what it keeps is a real choice), no normalisation."""
+    from namm.config import NAMMConfig
+    from namm.torch import scoring
+    from namm.torch.policy import NAMMPolicy
+
+    cfg = NAMMConfig()
+    n = sum(math.prod(shape) for _, shape in scoring.param_layout(cfg))
+    flat = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    return NAMMPolicy.from_flat(flat, cfg, None, threshold=-1e30, **{"chunk_size": 32, **kw})
+
+
+def test_carried_refresh_continues_the_policy_over_the_full_cache(tiny_llama):
+    """carry_state: every refresh is the update the NAMM would make on the full cache at that point (its EMA
+    state equals a keep-all NAMM's updated every hop over the same tokens), keeps the top of its scores, and
+    stays lossless."""
+    from namm.torch import selection
+
+    model, _ = tiny_llama
+    prompt = PROMPT[:, :273]                               # 272 prefilled tokens: a whole number of hops
+    ref, _ = autoregressive_generate(model, prompt, N_NEW)
+    proposer = SelfSpecProposer(model, _random_namm(3, budget=0.5, update_interval=0, final_update=True),
+                                refresh_every=8, refresh_window=16, carry_state=True)
+    out, _ = speculative_generate(model, prompt, proposer, N_NEW, gamma=4)
+    assert out.tolist() == ref.tolist() and proposer.refreshes >= 2
+    n = proposer.carried[0][1]
+    hop = proposer.policy.row_multiple
+    assert n > 272 and (n - 272) % hop == 0
+    # the reference: the same NAMM keeping everything, updated every hop from the start, fed the same n tokens
+    keep_all = _random_namm(3, chunk_size=hop, update_interval=hop)
+    full = keep_all.make_cache(model)
+    prefill(model, full, out[:, :n])
+    for (state, m), layer in zip(proposer.carried, full.layers):
+        assert m == n and layer.last_update_seen == n and layer.stored == n
+        torch.testing.assert_close(state["ema"], layer.state["ema"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state["left_context"], layer.state["left_context"], rtol=1e-4, atol=1e-5)
+    # the draft holds the budget of the top-scored of those n tokens (the newest forced, as always) and every
+    # token after them (fed again since the refresh, not yet scored)
+    ids = out[0].tolist()
+    for d, f in zip(proposer.cache.layers, full.layers):
+        scores = f.last_scores
+        valid = torch.ones_like(scores, dtype=torch.bool)
+        sel = selection.SelectionConfig(mode="ragged_max", threshold=-1e30, top_k=selection.budget_tokens(0.5, n))
+        want = selection.select(scores, valid, selection.newest_mask(f.positions, valid), sel)
+        for h in range(d.positions.shape[1]):
+            got = set(d.positions[0, h].tolist())
+            assert {p for p in got if p < n} == set(f.positions[0, h][want[0, h]].tolist())
+            assert set(range(n, len(proposer.fed))) <= got
+    assert len(proposer.fed) <= len(ids)
+
+
+def test_carried_refresh_needs_a_refresh_and_the_queries_since_the_carried_state(tiny_llama):
+    model, _ = tiny_llama
+    with pytest.raises(ValueError, match="carry_state .* set refresh_every"):
+        SelfSpecProposer(model, POLICIES["h2o"], carry_state=True)
+    proposer = SelfSpecProposer(model, _random_namm(1, budget=0.5, update_interval=0, final_update=True),
+                                refresh_every=8, carry_state=True)
+    ids = PROMPT[0, :200].tolist()
+    proposer.start(ids)
+    assert proposer.carried is not None and proposer.carried[0][1] == len(ids) - 1
+    proposer.carried = [(s, m - 64) for s, m in proposer.carried]     # pretend the state is 64 tokens older
+    target_cache = proposer.make_target_cache(model)
+    model(PROMPT[:, :199], past_key_values=target_cache, use_cache=True)
+    proposer.carried = [({k: v[:, :, :135] for k, v in s.items()}, m) for s, m in proposer.carried]
+    proposer.refreshed_at = 0
+    with pytest.raises(CacheConfigError, match="needs the queries of the 64 after them; the source buffered 56"):
+        proposer.sync(ids, target_cache)
+
+
 @pytest.mark.parametrize("refresh_every", [None, 8])
 def test_fork_prefill_computes_the_prompt_once(tiny_llama, reference, refresh_every):
     """fork_prefill: the draft cache starts as the verifier's prefill, re-selected; no second prefill, lossless."""
@@ -223,7 +294,7 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
             "h2o": {**POLICIES["h2o"], "final_update": False},
             "streamingllm": {**POLICIES["streamingllm"], "final_update": False},
             "h2o_refreshed": {**POLICIES["h2o"], "final_update": False, "refresh_every": 4,
-                              "fork_prefill": True}}
+                              "fork_prefill": True, "carry_state": True}}
     specbench.main(cfg)
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads((tmp_path / "specbench.json").read_text())
@@ -231,6 +302,7 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
     assert set(report["results"]) == {"selfspec"} and report["drafts"] == {}
     assert set(rows) == {"target", "namm_0.5@4", "h2o_0.5@4", "streamingllm_0.5@4", "h2o_refreshed_0.5@4"}
     assert rows["h2o_refreshed_0.5@4"]["refresh_every"] == 4 and rows["h2o_0.5@4"]["refresh_every"] is None
+    assert rows["h2o_refreshed_0.5@4"]["carry_state"] is True and rows["h2o_0.5@4"]["carry_state"] is False
     assert all(report["lossless"]["selfspec"].values()) and "lossless_greedy: True (target: True)" in lines
     assert "namm_trained" in report["selfspec"]["selfspec"]["skipped"]
     assert "c = budget" in report["selfspec"]["selfspec"]["predicted_speedup_kv"]
@@ -251,7 +323,7 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
     h2o = [p for p in per_prompt if p["key"] == "h2o_0.5@4"]
     assert sum(p["accepted"] for p in h2o) / sum(p["proposed"] for p in h2o) == pytest.approx(rows["h2o_0.5@4"]["alpha"])
     md = (tmp_path / "specbench.md").read_text()
-    assert "| kv_retrieval | h2o_0.5@4 |" in md and "| all | h2o_refreshed_0.5@4 (refresh every 4, window 32, forked prefill) |" in md
+    assert "| kv_retrieval | h2o_0.5@4 |" in md and "| all | h2o_refreshed_0.5@4 (refresh every 4, window 32, state carried, forked prefill) |" in md
     assert "c = budget" in md and "| all | namm_0.5@4 | 0.5 |" in md and "| 300 | namm_0.5@4 | 0.5 |" in md
     assert any(re.fullmatch(r"selfspec_namm_acceptance_400@0.5: [\d.]+ \(target: .*\)", x) for x in lines)
     assert any(x.startswith("selfspec_namm_trained_acceptance@0.5: n/a (skipped") for x in lines)

@@ -51,7 +51,9 @@ class TorchPolicy:
     rows to ``update``), ``needs_keys``, ``update_interval`` (None: never update), ``final_update``
     (also update at the end of the prefill) and ``chunk_size`` (prefill chunk), and implement
     :meth:`update`. ``evicts``: a compressing policy, refused by the cache when its schedule never
-    updates (no ``update_interval`` and no ``final_update``).
+    updates (no ``update_interval`` and no ``final_update``). ``row_multiple``: an update reads its attention
+    rows in blocks of this many queries (the NAMM's STFT hop); a refresh that carries the policy state
+    (``NAMMCache.reselect(carried=...)``) advances by whole blocks.
     """
 
     name: str = "base"
@@ -61,6 +63,7 @@ class TorchPolicy:
     final_update: bool = False
     chunk_size: int | None = None
     attention_block: int = 128
+    row_multiple: int = 1
 
     def update(
         self,
@@ -154,6 +157,9 @@ class NAMMLayer(DynamicLayer):
         self.last_q_len = 0
         self.num_updates = 0
         self.last_scores: torch.Tensor | None = None
+        # (state, seen) of the last update, before its eviction, when it covered every token seen and the
+        # owner records (``NAMMCache.record_state``): what a later refresh carries (``reselect(carried=...)``)
+        self.full_state: tuple[dict[str, torch.Tensor], int] | None = None
 
     # --- lengths -------------------------------------------------------------------------------
     @property
@@ -271,6 +277,8 @@ class NAMMLayer(DynamicLayer):
         """Take a policy's decision: its state, its scores, and the eviction (keep indices, validity flags)."""
         self.last_scores = out.scores
         self.state = out.state
+        if self.owner is not None and self.owner.record_state and self.stored == self.seen:
+            self.full_state = (out.state, self.seen)
         if out.keep is not None:
             self.gather(out.keep)
             if out.valid is not None:
@@ -383,6 +391,7 @@ class NAMMCache(Cache):
             model.set_attn_implementation(name)
         self.peak_bytes = 0
         self.explicit_prefill = False  # set by generate.prefill: the caller ends the prefill (end_prefill)
+        self.record_state = False      # layers keep their last update's state over every token (full_state)
         super().__init__(layers=[NAMMLayer(policy, i, self) for i in range(config.num_hidden_layers)])
 
     def fork(self, model, policy: TorchPolicy) -> "NAMMCache":
@@ -401,17 +410,37 @@ class NAMMCache(Cache):
         new.peak_bytes = self.peak_bytes
         return new
 
-    def reselect(self, window: int | None = None) -> None:
+    def reselect(self, window: int | None = None, carried: list | None = None, upto: int | None = None) -> None:
         """One update of the policy on every layer over all stored tokens, as at the end of a prefill.
 
-        For a cache just forked from a full one: every token counts as new (no policy state), and the
-        attention rows are those of the queries the source buffered (``RecentQueries``), the last
-        ``window`` of them when given."""
-        for layer in self.layers:
-            layer.prefill_closed, layer.frozen, layer.last_update_seen = True, False, 0
-            layer.state = {}
-            if window:
-                layer._trim_queries(window)
+        For a cache just forked from a full one. By default every token counts as new (no policy state) and the
+        attention rows are those of the queries the source buffered (``RecentQueries``), the last ``window`` of
+        them when given. ``carried``: per layer, ``(state, n)``, a policy state over the first ``n`` tokens (the
+        ``full_state`` a recording cache kept): those tokens are old, the policy's state for them carries over
+        (the NAMM's EMA spectrogram, as between two of its own updates), and the rows are the buffered queries of
+        tokens ``n ..``; ``upto`` first rolls the cache back to that many tokens (the update then sees exactly
+        the rows of tokens ``n .. upto - 1``)."""
+        for i, layer in enumerate(self.layers):
+            layer.prefill_closed, layer.frozen = True, False
+            if carried is None:
+                layer.last_update_seen, layer.state = 0, {}
+                if window:
+                    layer._trim_queries(window)
+            else:
+                state, n_old = carried[i]
+                if upto is not None and not n_old <= upto <= layer.seen:
+                    raise ValueError(f"reselect: upto={upto} must lie between the carried {n_old} tokens and the "
+                                     f"{layer.seen} the cache holds")
+                layer.last_update_seen, layer.state = n_old, dict(state)
+                if upto is not None:
+                    layer.crop(upto - layer.seen)
+                layer._trim_queries(layer.n_pending)
+                have = sum(q.shape[2] for q in layer.queries)
+                if have != layer.n_pending:
+                    raise CacheConfigError(
+                        f"reselect: the carried state covers {n_old} tokens, so the update needs the queries of the "
+                        f"{layer.n_pending} after them; the source buffered {have}. Buffer more "
+                        "(RecentQueries(window) with a larger window) or refresh more often")
             if self.policy.needs_attention and not layer.queries:
                 raise CacheConfigError(
                     f"policy {self.policy.name!r} reads attention, but the source cache buffered no queries; "

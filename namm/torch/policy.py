@@ -256,6 +256,11 @@ class NAMMPolicy(TorchPolicy):
             "recent_fraction": self.recent_fraction,
         }
 
+    @property
+    def row_multiple(self) -> int:
+        """Attention rows are consumed in STFT hops (frames of ``n_fft`` rows, ``hop`` apart)."""
+        return self.cfg.features.hop
+
     # --- one update ------------------------------------------------------------------------------
     def _layer_params(self, layer_idx: int, device) -> dict[str, torch.Tensor]:
         key = (layer_idx if not self.shared else -1, str(device))

@@ -25,6 +25,14 @@ needs that the prompt's own attention did not single out (a value looked up late
 ``fork_prefill``: the draft cache is not prefilled on its own either, but forked from the verifier's
 prefill and selected by the attention of the prompt's last ``refresh_window`` queries (one prefill in
 all, where the default computes the prompt twice).
+``carry_state``: a refresh does not start the policy afresh from a few rows but continues it over the full
+cache: the state of the previous update (the NAMM's EMA spectrogram, H2O's accumulated attention, kept for
+every token before the eviction: ``NAMMLayer.full_state``; the first from the draft's own prefill when that
+kept every token until its final update, else from the first refresh, made afresh) carries over, and the update
+reads the verified queries since then, in whole blocks of ``policy.row_multiple`` (the NAMM's hop). So the
+draft cache is, at every refresh, the budget the policy would keep had it run on the full cache all along
+(the prompt's attention fading with the EMA, the answer's added), and a refresh rolls the draft back to the
+last whole block (the few committed tokens after it are fed again, unscored, as between two updates).
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ class SelfSpecProposer(DraftProposer):
     """
 
     def __init__(self, model, policy: TorchPolicy | Mapping, refresh_every: int | None = None,
-                 refresh_window: int = 32, fork_prefill: bool = False):
+                 refresh_window: int = 32, fork_prefill: bool = False, carry_state: bool = False):
         if refresh_every is not None and int(refresh_every) < 1:
             raise ValueError(f"refresh_every={refresh_every} must be >= 1 committed tokens (or None: never refresh)")
         if int(refresh_window) < 1:
@@ -62,6 +70,10 @@ class SelfSpecProposer(DraftProposer):
         self.refresh_every = int(refresh_every) if refresh_every else None
         self.refresh_window = int(refresh_window)
         self.fork_prefill = bool(fork_prefill)
+        self.carry_state = bool(carry_state)
+        if self.carry_state and not self.refresh_every:
+            raise ValueError("carry_state carries the policy state from one refresh to the next; set refresh_every")
+        self.carried: list | None = None
         self.refreshes = 0
         self.calls = 0
         self.generator: torch.Generator | None = None
@@ -72,6 +84,8 @@ class SelfSpecProposer(DraftProposer):
         """Chunked prefill of everything but the newest token, evicting as the policy dictates; with
         ``fork_prefill`` nothing here: the first ``sync`` (right after this) forks the verifier's prefill."""
         self.cache = self.policy.make_cache(self.model)
+        self.cache.record_state = self.carry_state
+        self.carried = None
         self.fed: list[int] = []
         self.base = 0
         self.kv_fractions = []
@@ -83,6 +97,13 @@ class SelfSpecProposer(DraftProposer):
             self._feed(ids[:-1])
             self.fed = list(ids[:-1])
         self.cache.end_prefill()
+        self._keep_state()
+
+    def _keep_state(self) -> None:
+        """With ``carry_state``: what the next refresh carries, the last update's state over every token."""
+        if self.carry_state:
+            states = [layer.full_state for layer in self.cache.layers]
+            self.carried = states if all(s is not None for s in states) else None
 
     def _feed(self, toks: list[int]) -> torch.Tensor:
         """Feed ``toks`` (q tokens) to the draft cache; returns the next-token logits ``[V]``."""
@@ -127,7 +148,10 @@ class SelfSpecProposer(DraftProposer):
             return None
         if target is not self.model:
             raise ValueError("a refreshed self-speculation draft is the target itself; pass the same model")
-        return RecentQueries(self.refresh_window + 8).make_cache(target)
+        window = self.refresh_window + 8
+        if self.carry_state:   # the queries since the carried state: a refresh interval, a round, a partial block
+            window = max(window, self.refresh_every + 2 * self.policy.row_multiple + 16)
+        return RecentQueries(window).make_cache(target)
 
     def sync(self, ids: list[int], target_cache) -> None:
         """After ``start`` and after each round's commit: refresh the draft cache from ``target_cache`` (holding
@@ -139,9 +163,21 @@ class SelfSpecProposer(DraftProposer):
         if target_cache.seen_tokens == 0:                 # a one-token prompt: nothing to fork yet
             self.refreshed_at = len(ids) - 1
             return
+        upto = len(ids) - 1
+        if self.carried is not None:                      # continue the policy from its last update, whole blocks
+            n_old = self.carried[0][1]
+            step = self.policy.row_multiple
+            upto = n_old + (upto - n_old) // step * step
+            if upto == n_old:
+                return
         cache = target_cache.fork(self.model, self.policy)
-        cache.reselect(self.refresh_window)
-        self.cache, self.fed = cache, list(ids[:-1])
+        cache.record_state = self.carry_state
+        if self.carried is not None:
+            cache.reselect(carried=self.carried, upto=upto)
+        else:
+            cache.reselect(self.refresh_window)
+        self.cache, self.fed = cache, list(ids[:upto])
+        self._keep_state()
         self.refreshes += self.refreshed_at > -math.inf     # the forked prefill is not a refresh
         self.refreshed_at = len(ids) - 1
 
