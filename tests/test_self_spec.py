@@ -218,10 +218,11 @@ def test_carried_refresh_needs_a_refresh_and_the_queries_since_the_carried_state
     ids = PROMPT[0, :200].tolist()
     proposer.start(ids)
     assert proposer.carried is not None and proposer.carried[0][1] == len(ids) - 1
-    proposer.carried = [(s, m - 64) for s, m in proposer.carried]     # pretend the state is 64 tokens older
+    for layer in proposer.cache.layers:                               # pretend the state is 64 tokens older
+        state, m = layer.full_state
+        layer.full_state = ({k: v[:, :, :m - 64] for k, v in state.items()}, m - 64)
     target_cache = proposer.make_target_cache(model)
     model(PROMPT[:, :199], past_key_values=target_cache, use_cache=True)
-    proposer.carried = [({k: v[:, :, :135] for k, v in s.items()}, m) for s, m in proposer.carried]
     proposer.refreshed_at = 0
     with pytest.raises(CacheConfigError, match="needs the queries of the 64 after them; the source buffered 56"):
         proposer.sync(ids, target_cache)

@@ -73,7 +73,6 @@ class SelfSpecProposer(DraftProposer):
         self.carry_state = bool(carry_state)
         if self.carry_state and not self.refresh_every:
             raise ValueError("carry_state carries the policy state from one refresh to the next; set refresh_every")
-        self.carried: list | None = None
         self.refreshes = 0
         self.calls = 0
         self.generator: torch.Generator | None = None
@@ -85,7 +84,6 @@ class SelfSpecProposer(DraftProposer):
         ``fork_prefill`` nothing here: the first ``sync`` (right after this) forks the verifier's prefill."""
         self.cache = self.policy.make_cache(self.model)
         self.cache.record_state = self.carry_state
-        self.carried = None
         self.fed: list[int] = []
         self.base = 0
         self.kv_fractions = []
@@ -97,13 +95,15 @@ class SelfSpecProposer(DraftProposer):
             self._feed(ids[:-1])
             self.fed = list(ids[:-1])
         self.cache.end_prefill()
-        self._keep_state()
 
-    def _keep_state(self) -> None:
-        """With ``carry_state``: what the next refresh carries, the last update's state over every token."""
-        if self.carry_state:
-            states = [layer.full_state for layer in self.cache.layers]
-            self.carried = states if all(s is not None for s in states) else None
+    @property
+    def carried(self) -> list | None:
+        """With ``carry_state``: what the next refresh carries, per layer the draft cache's last update's state
+        over every token and that token count (``NAMMLayer.full_state``); None when there is none yet."""
+        if not self.carry_state or self.cache is None:
+            return None
+        states = [layer.full_state for layer in self.cache.layers]
+        return states if all(s is not None for s in states) else None
 
     def _feed(self, toks: list[int]) -> torch.Tensor:
         """Feed ``toks`` (q tokens) to the draft cache; returns the next-token logits ``[V]``."""
@@ -163,21 +163,20 @@ class SelfSpecProposer(DraftProposer):
         if target_cache.seen_tokens == 0:                 # a one-token prompt: nothing to fork yet
             self.refreshed_at = len(ids) - 1
             return
-        upto = len(ids) - 1
-        if self.carried is not None:                      # continue the policy from its last update, whole blocks
-            n_old = self.carried[0][1]
+        upto, carried = len(ids) - 1, self.carried
+        if carried is not None:                           # continue the policy from its last update, whole blocks
+            n_old = carried[0][1]
             step = self.policy.row_multiple
             upto = n_old + (upto - n_old) // step * step
             if upto == n_old:
                 return
         cache = target_cache.fork(self.model, self.policy)
         cache.record_state = self.carry_state
-        if self.carried is not None:
-            cache.reselect(carried=self.carried, upto=upto)
+        if carried is not None:
+            cache.reselect(carried=carried, upto=upto)
         else:
             cache.reselect(self.refresh_window)
         self.cache, self.fed = cache, list(ids[:upto])
-        self._keep_state()
         self.refreshes += self.refreshed_at > -math.inf     # the forked prefill is not a refresh
         self.refreshed_at = len(ids) - 1
 
