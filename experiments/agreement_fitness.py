@@ -19,6 +19,15 @@ reproduced. Greedy decoding reproduces the full cache's answer, and so its task 
 is reproduced (reported as ``token_match``). With the question inside compression (default) the first
 answer token comes from the prefill logits, before the eviction, and is not scored. Fitness: the
 unweighted mean over tasks of the mean over the task's prompts.
+
+Refresh (``refresh_every=R``, ``refresh_window=W``): the draft cache of refreshed self-speculation
+(``spec_decode.torch.self_spec.SelfSpecProposer`` with the same keys). After every R answer tokens the
+compressed cache is re-selected from the full cache (prompt and answer so far) by the policy, from the
+attention of the last W full-cache queries alone (``NAMMCache.reselect(W)``: every token new, no state
+carried), and the next R answer tokens are fed through it. The full cache, and each refresh's NAMM
+features, are again the same for every candidate and computed once per prompt; per candidate, one
+eviction and one forward of R tokens per refresh. The runtime refreshes once at least R tokens were
+committed since the last refresh, at the end of a verification round; here every R tokens exactly.
 """
 
 from __future__ import annotations
@@ -52,6 +61,10 @@ class _Shared:
     tail: object                # LongTensor [1, n]: tokens fed after the eviction
     scored: slice               # tail positions whose logits predict an answer token
     p_full: object              # [m, V] full-cache next-token distributions at those positions
+    full: object = None         # with a refresh: NAMMCache of the prompt and the whole tail, every token kept,
+                                # buffering the queries of the tail and of the prompt's last refresh_window tokens
+    refreshes: tuple = ()       # with a refresh: per refresh, (tail index it starts at, the full cache up to it,
+                                # its features per layer as ``features``)
 
 
 def acceptance(p_full, logits) -> tuple[float, float]:
@@ -70,7 +83,8 @@ class AgreementFitness:
     def __init__(self, model, tokenizer, rows: Sequence[Mapping], namm_cfg: NAMMConfig, norm, *, chat: bool,
                  max_context: int | None, budget, compress_question: bool = True, max_answer_tokens: int | None = None,
                  cache_prompts: bool = True, answers_path: str | Path | None = None,
-                 templates: Mapping[str, str] | None = None, progress: bool = False):
+                 templates: Mapping[str, str] | None = None, progress: bool = False,
+                 refresh_every: int | None = None, refresh_window: int = 16):
         from experiments.extract import eos_ids
         from experiments.tasks import build_prompts
         from namm.torch.selection import budget_tokens
@@ -86,6 +100,14 @@ class AgreementFitness:
             raise AgreementFitnessError(f"fitness.policy_budget={budget!r}: {e}") from None
         if max_answer_tokens is not None and int(max_answer_tokens) < 1:
             raise AgreementFitnessError(f"fitness.max_answer_tokens={max_answer_tokens}; use null or an int >= 1")
+        if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
+                                          or refresh_every < 1):
+            raise AgreementFitnessError(f"fitness.refresh_every={refresh_every!r}; use null (no refresh) or an int "
+                                        ">= 1 (answer tokens between two refreshes)")
+        if isinstance(refresh_window, bool) or not isinstance(refresh_window, int) or refresh_window < 1:
+            raise AgreementFitnessError(f"fitness.refresh_window={refresh_window!r}; use an int >= 1 (the full "
+                                        "cache's last queries a refresh reads)")
+        self.refresh_every, self.refresh_window = refresh_every, refresh_window
         self.model, self.tokenizer, self.rows = model, tokenizer, list(rows)
         self.namm_cfg, self.budget = namm_cfg, budget
         self.norm = None if norm is None else tuple(np.asarray(x, np.float32) for x in norm)
@@ -138,12 +160,42 @@ class AgreementFitness:
                 atomic_write_json(self.answers_path, self._answers)
         return list(self._answers[key])
 
+    def _tap(self):
+        """A NAMM that records the candidates' features at its update (into ``.recorded``) and keeps every token."""
+        from namm.torch.cache import PolicyUpdate
+        from namm.torch.policy import NAMMPolicy
+
+        class Tap(NAMMPolicy):
+            def update(self, state, rows, keys, positions, valid, n_new, seen, layer_idx, final):
+                feats, _, _, _ = self.features(state, rows, positions, valid, n_new)
+                self.recorded[layer_idx] = (feats, positions, valid, seen)
+                return PolicyUpdate(state={})  # the candidates evict once: no state to carry
+
+        tap = Tap.untrained(self.namm_cfg, self.norm, update_interval=0, final_update=True)
+        tap.recorded = {}
+        return tap
+
+    def _refresh_points(self, n_after: int, n_tail: int) -> list[int]:
+        """Tail indices where a refresh starts: every ``refresh_every`` answer tokens (the tail's first ``n_after``
+        are the question fed after the eviction), before the tail's end."""
+        if not self.refresh_every:
+            return []
+        return list(range(n_after + self.refresh_every, n_tail, self.refresh_every))
+
+    def _full_upto(self, full, n_tail: int, j: int, policy):
+        """``full`` forked with ``policy``, rolled back to its first ``j`` tail tokens and re-selected from the
+        attention of the last ``refresh_window`` queries (``NAMMCache.reselect``, as a refresh does it)."""
+        cache = full.fork(self.model, policy)
+        for layer in cache.layers:
+            layer.crop(j - n_tail)
+        cache.reselect(self.refresh_window)
+        return cache
+
     def _prepare(self, i: int) -> _Shared:
         import torch
 
-        from namm.torch.cache import FullPolicy, PolicyUpdate
+        from namm.torch.cache import FullPolicy, RecentQueries
         from namm.torch.generate import prefill
-        from namm.torch.policy import NAMMPolicy
 
         if i in self._shared:
             return self._shared[i]
@@ -152,28 +204,30 @@ class AgreementFitness:
         if not compressed:
             raise AgreementFitnessError(f"prompt {self.rows[i]['dataset']}/{self.rows[i]['_id']} has no context")
         answer = self._answer(i)
-        recorded: dict[int, tuple] = {}
-
-        class Tap(NAMMPolicy):  # the candidates' features at their one update; keeps every token
-            def update(self, state, rows, keys, positions, valid, n_new, seen, layer_idx, final):
-                feats, _, _, _ = self.features(state, rows, positions, valid, n_new)
-                recorded[layer_idx] = (feats, positions, valid, seen)
-                return PolicyUpdate(state={})  # the candidates evict once: no state to carry
-
-        tap = Tap.untrained(self.namm_cfg, self.norm, update_interval=0, final_update=True)
+        tail = torch.tensor([after + answer[:-1]], dtype=torch.long, device=device)
+        scored = slice(len(after) - 1 if after else 0, tail.shape[1])
+        points = self._refresh_points(len(after), tail.shape[1])
+        tap = self._tap()
         cache = tap.make_cache(self.model)
         with torch.no_grad():
             prefill(self.model, cache, torch.tensor([compressed], dtype=torch.long, device=device))
+            # the full cache the tail runs through; with a refresh it buffers the queries the refreshes read
+            full = cache.fork(self.model, RecentQueries(self.refresh_window + tail.shape[1]) if points
+                              else FullPolicy())
             cache.end_prefill()
-        if len(recorded) != len(cache.layers):
+        if len(tap.recorded) != len(cache.layers):
             raise AgreementFitnessError(f"the prompt has {len(compressed)} tokens; the features need at least "
                                         f"{self.namm_cfg.features.hop}")
-        tail = torch.tensor([after + answer[:-1]], dtype=torch.long, device=device)
-        scored = slice(len(after) - 1 if after else 0, tail.shape[1])
-        logits = self._tail_logits(cache.fork(self.model, FullPolicy()), tail, scored)
-        p_full = torch.softmax(logits.double(), -1)
-        shared = _Shared(cache=cache, features=[recorded[k] for k in range(len(cache.layers))], tail=tail,
-                         scored=scored, p_full=p_full)
+        features = [tap.recorded[k] for k in range(len(cache.layers))]
+        p_full = torch.softmax(self._tail_logits(full, tail, scored).double(), -1)
+        refreshes = []
+        for j in points:
+            rtap = self._tap()
+            with torch.no_grad():
+                snap = self._full_upto(full, tail.shape[1], j, rtap)
+            refreshes.append((j, snap, [rtap.recorded[k] for k in range(len(snap.layers))]))
+        shared = _Shared(cache=cache, features=features, tail=tail, scored=scored, p_full=p_full,
+                         full=full if points else None, refreshes=tuple(refreshes))
         for layer in cache.layers:  # the buffered queries are not needed any more
             layer.queries = []
         if self.cache_prompts:
@@ -192,36 +246,64 @@ class AgreementFitness:
             out = self.model(input_ids=tail, position_ids=positions, past_key_values=cache, use_cache=True)
         return out.logits[0, scored]
 
+    def _measure(self, shared: _Shared, caches) -> tuple[float, float, float]:
+        """(acceptance, token match, kept fraction) of a compressed cache and its refreshes: ``caches`` yields
+        the cache the tail's first segment runs through, then each refresh's; each gets its segment of the tail
+        (the whole tail without a refresh). Kept fraction: the mean over the segments, as each starts."""
+        import torch
+
+        n = shared.tail.shape[1]
+        starts = [0] + [j for j, _, _ in shared.refreshes]
+        logits, kept = [], []
+        for a, b, cache in zip(starts, starts[1:] + [n], caches):
+            kept.append(cache.kv_fraction())
+            lo, hi = max(a, shared.scored.start), b
+            logits.append(self._tail_logits(cache, shared.tail[:, a:b], slice(lo - a, max(hi - a, lo - a))))
+        acc, match = acceptance(shared.p_full, torch.cat(logits))
+        return acc, match, float(np.mean(kept))
+
     # --- per candidate ---------------------------------------------------------------------------------
-    def _candidate(self, policy, shared: _Shared) -> tuple[float, float, float]:
-        """(acceptance, token match, kept fraction) of one candidate on one prepared prompt."""
+    def _evicted(self, policy, source, features):
+        """``source`` (every token kept) forked and evicted by the candidate ``policy`` from shared ``features``."""
         from namm.torch.cache import FullPolicy
 
-        cache = shared.cache.fork(self.model, FullPolicy())
-        for layer, (feats, positions, valid, seen) in zip(cache.layers, shared.features):
+        cache = source.fork(self.model, FullPolicy())
+        for layer, (feats, positions, valid, seen) in zip(cache.layers, features):
             params = policy._layer_params(layer.layer_idx, feats.device)
             keep, scores, sel = policy.select_tokens(params, feats, positions, valid, seen)
             layer.apply(policy.decision(keep, sel, {}, scores))  # as NAMMLayer.run_update applies it
-        kept = cache.kv_fraction()
-        acc, match = acceptance(shared.p_full, self._tail_logits(cache, shared.tail, shared.scored))
-        return acc, match, kept
+        return cache
+
+    def _candidate(self, policy, shared: _Shared) -> tuple[float, float, float]:
+        """(acceptance, token match, kept fraction) of one candidate on one prepared prompt."""
+        caches = (self._evicted(policy, src, feats) for src, feats in
+                  [(shared.cache, shared.features)] + [(snap, feats) for _, snap, feats in shared.refreshes])
+        return self._measure(shared, caches)
 
     def _policy_run(self, policy, i: int) -> tuple[float, float, float]:
-        """Any runtime policy (a baseline), run as the runtime runs it: its own prefill and end-of-prefill update."""
+        """Any runtime policy (a baseline), run as the runtime runs it: its own prefill and end-of-prefill update,
+        and each refresh ``NAMMCache.reselect`` on the full cache forked with it."""
         import torch
 
         from namm.torch.generate import prefill
 
         shared = self._prepare(i)
         compressed, _ = self._split(i)
-        cache = policy.make_cache(self.model)
-        with torch.no_grad():
-            prefill(self.model, cache, torch.tensor([compressed], dtype=torch.long, device=shared.tail.device))
-            cache.end_prefill()
-        kept = cache.kv_fraction()
-        cache.freeze()
-        acc, match = acceptance(shared.p_full, self._tail_logits(cache, shared.tail, shared.scored))
-        return acc, match, kept
+
+        def caches():
+            cache = policy.make_cache(self.model)
+            with torch.no_grad():
+                prefill(self.model, cache, torch.tensor([compressed], dtype=torch.long, device=shared.tail.device))
+                cache.end_prefill()
+            cache.freeze()
+            yield cache
+            for j, _, _ in shared.refreshes:
+                with torch.no_grad():
+                    cache = self._full_upto(shared.full, shared.tail.shape[1], j, policy)
+                cache.freeze()
+                yield cache
+
+        return self._measure(shared, caches())
 
     def _by_task(self, values: np.ndarray, items: Sequence[int]) -> float:
         tasks = [self.rows[i]["dataset"] for i in items]

@@ -40,11 +40,12 @@ def test_keep_all_reproduces_the_full_cache(tiny_llama, rows, one_torch_thread):
     assert fit.last_details["kept_fraction"].tolist() == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("mode", ["ragged_max", "masked"])
-def test_candidates_equal_the_runtime_policy(tiny_llama, rows, mode, one_torch_thread):
+@pytest.mark.parametrize("mode,refresh", [("ragged_max", None), ("masked", None), ("ragged_max", 2)])
+def test_candidates_equal_the_runtime_policy(tiny_llama, rows, mode, refresh, one_torch_thread):
     """The shared-prefill path gives exactly what the runtime NAMMPolicy gives with the same budget and schedule
-    (its own prefill and end-of-prefill update), also for a prompt whose last chunk is one token."""
-    fit, cfg = _fitness(tiny_llama, rows, mode=mode)
+    (its own prefill and end-of-prefill update; with a refresh, ``NAMMCache.reselect`` on the full cache forked
+    with it, as ``SelfSpecProposer`` refreshes), also for a prompt whose last chunk is one token."""
+    fit, cfg = _fitness(tiny_llama, rows, mode=mode, refresh_every=refresh, refresh_window=8)
     assert len(fit._split(1)[0]) % 64 == 1
     pop = 0.3 * np.random.default_rng(0).standard_normal((2, num_params(cfg))).astype(np.float32)
     f = fit.evaluate(pop, [0, 1])
@@ -55,6 +56,21 @@ def test_candidates_equal_the_runtime_policy(tiny_llama, rows, mode, one_torch_t
         assert ref["fitness"] == pytest.approx(float(f[k]), abs=1e-6)
         assert ref["kept_fraction"] == pytest.approx(float(kept[k]), abs=1e-9)
     assert np.array_equal(fit.evaluate(pop, [0, 1]), f)                      # deterministic, cached state unchanged
+    if refresh:
+        assert [j for j, _, _ in fit._prepare(0).refreshes] == [2]             # 4 tail tokens, a refresh after 2
+        no_refresh, _ = _fitness(tiny_llama, rows, mode=mode)
+        assert not np.allclose(no_refresh.evaluate(pop, [0, 1]), f)
+
+
+def test_refreshed_keep_all_reproduces_the_full_cache_and_bad_refresh_keys_are_refused(tiny_llama, rows):
+    from experiments.agreement_fitness import AgreementFitnessError
+
+    fit, cfg = _fitness(tiny_llama, rows, budget=1.0, refresh_every=1)
+    assert np.allclose(fit.evaluate(np.zeros((1, num_params(cfg)), np.float32), [0, 1]), 1.0, atol=1e-9)
+    assert len(fit._prepare(0).refreshes) == 3
+    for key, bad in (("refresh_every", 0), ("refresh_every", 2.5), ("refresh_window", 0), ("refresh_window", None)):
+        with pytest.raises(AgreementFitnessError, match=key):
+            _fitness(tiny_llama, rows, **{key: bad})
 
 
 def test_answers_are_cached_and_bad_budgets_refused(tiny_llama, rows, tmp_path):
