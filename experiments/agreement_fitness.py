@@ -185,10 +185,11 @@ class AgreementFitness:
     def _full_upto(self, full, n_tail: int, j: int, policy):
         """``full`` forked with ``policy``, rolled back to its first ``j`` tail tokens and re-selected from the
         attention of the last ``refresh_window`` queries (``NAMMCache.reselect``, as a refresh does it)."""
+        import torch
+
         cache = full.fork(self.model, policy)
-        for layer in cache.layers:
-            layer.crop(j - n_tail)
-        cache.reselect(self.refresh_window)
+        with torch.no_grad():
+            cache.reselect(self.refresh_window, upto=full.seen_tokens - n_tail + j)
         return cache
 
     def _prepare(self, i: int) -> _Shared:
@@ -223,8 +224,7 @@ class AgreementFitness:
         refreshes = []
         for j in points:
             rtap = self._tap()
-            with torch.no_grad():
-                snap = self._full_upto(full, tail.shape[1], j, rtap)
+            snap = self._full_upto(full, tail.shape[1], j, rtap)
             refreshes.append((j, snap, [rtap.recorded[k] for k in range(len(snap.layers))]))
         shared = _Shared(cache=cache, features=features, tail=tail, scored=scored, p_full=p_full,
                          full=full if points else None, refreshes=tuple(refreshes))
@@ -252,13 +252,11 @@ class AgreementFitness:
         (the whole tail without a refresh). Kept fraction: the mean over the segments, as each starts."""
         import torch
 
-        n = shared.tail.shape[1]
         starts = [0] + [j for j, _, _ in shared.refreshes]
         logits, kept = [], []
-        for a, b, cache in zip(starts, starts[1:] + [n], caches):
-            kept.append(cache.kv_fraction())
-            lo, hi = max(a, shared.scored.start), b
-            logits.append(self._tail_logits(cache, shared.tail[:, a:b], slice(lo - a, max(hi - a, lo - a))))
+        for a, b, cache in zip(starts, starts[1:] + [shared.tail.shape[1]], caches):
+            kept.append(cache.kv_fraction())   # the segment's scored positions: empty while before shared.scored
+            logits.append(self._tail_logits(cache, shared.tail[:, a:b], slice(max(shared.scored.start - a, 0), None)))
         acc, match = acceptance(shared.p_full, torch.cat(logits))
         return acc, match, float(np.mean(kept))
 
@@ -298,8 +296,7 @@ class AgreementFitness:
             cache.freeze()
             yield cache
             for j, _, _ in shared.refreshes:
-                with torch.no_grad():
-                    cache = self._full_upto(shared.full, shared.tail.shape[1], j, policy)
+                cache = self._full_upto(shared.full, shared.tail.shape[1], j, policy)
                 cache.freeze()
                 yield cache
 

@@ -418,22 +418,21 @@ class NAMMCache(Cache):
         them when given. ``carried``: per layer, ``(state, n)``, a policy state over the first ``n`` tokens (the
         ``full_state`` a recording cache kept): those tokens are old, the policy's state for them carries over
         (the NAMM's EMA spectrogram, as between two of its own updates), and the rows are the buffered queries of
-        tokens ``n ..``; ``upto`` first rolls the cache back to that many tokens (the update then sees exactly
-        the rows of tokens ``n .. upto - 1``)."""
+        tokens ``n ..``. ``upto`` first rolls the cache back to that many tokens (with ``carried``, the update
+        then sees exactly the rows of tokens ``n .. upto - 1``)."""
         for i, layer in enumerate(self.layers):
             layer.prefill_closed, layer.frozen = True, False
+            state, n_old = ({}, 0) if carried is None else carried[i]
+            if upto is not None and not n_old <= upto <= layer.seen:
+                raise ValueError(f"reselect: upto={upto} must lie between the {n_old} tokens the carried state "
+                                 f"covers and the {layer.seen} the cache holds")
+            layer.last_update_seen, layer.state = n_old, dict(state)
+            if upto is not None:
+                layer.crop(upto - layer.seen)
             if carried is None:
-                layer.last_update_seen, layer.state = 0, {}
                 if window:
                     layer._trim_queries(window)
             else:
-                state, n_old = carried[i]
-                if upto is not None and not n_old <= upto <= layer.seen:
-                    raise ValueError(f"reselect: upto={upto} must lie between the carried {n_old} tokens and the "
-                                     f"{layer.seen} the cache holds")
-                layer.last_update_seen, layer.state = n_old, dict(state)
-                if upto is not None:
-                    layer.crop(upto - layer.seen)
                 layer._trim_queries(layer.n_pending)
                 have = sum(q.shape[2] for q in layer.queries)
                 if have != layer.n_pending:
