@@ -9,6 +9,22 @@ import torch
 from namm.config import FeatureConfig, NAMMConfig, SelectionConfig
 from namm.scoring import num_params
 
+from conftest import EPS32
+
+
+def _acceptance_atol(tiny_llama, fit) -> float:
+    """How far from each other two acceptances of the same policy can be by rounding alone.
+
+    1 - sum_v min(p, q) = TVD(p, q) <= max_v |logit_p - logit_q| (float64 softmax of float32 logits). A draft
+    cache holding the same K/V as the full cache (or the same policy run another way) runs its attention on
+    other buffer shapes, so its logits differ by float32 reorderings of hidden_size-term dot products: at most
+    hidden_size eps max|logit|, the logit scale measured on the first prompt.
+    """
+    model = tiny_llama[0]
+    with torch.no_grad():
+        scale = model(input_ids=torch.tensor([fit.prompts[0].context_ids])).logits.abs().max().item()
+    return model.config.hidden_size * EPS32 * scale
+
 
 @pytest.fixture(scope="module")
 def rows(tiny_llama):
@@ -35,7 +51,7 @@ def _fitness(tiny_llama, rows, mode="ragged_max", budget=0.5, **kw):
 def test_keep_all_reproduces_the_full_cache(tiny_llama, rows, one_torch_thread):
     fit, cfg = _fitness(tiny_llama, rows, budget=1.0)
     f = fit.evaluate(np.zeros((2, num_params(cfg)), np.float32), [0, 1])
-    assert np.allclose(f, 1.0, atol=1e-9)
+    np.testing.assert_allclose(f, 1.0, rtol=0, atol=_acceptance_atol(tiny_llama, fit))
     assert fit.last_details["token_match"].tolist() == [1.0, 1.0]
     assert fit.last_details["kept_fraction"].tolist() == [1.0, 1.0]
 
@@ -53,20 +69,21 @@ def test_candidates_equal_the_runtime_policy(tiny_llama, rows, mode, refresh, on
     assert np.all(f < 1.0) and np.all(kept < 0.6)
     for k in range(2):
         ref = fit.evaluate_policy(fit.policy_for(pop[k]), [0, 1])
-        assert ref["fitness"] == pytest.approx(float(f[k]), abs=1e-6)
-        assert ref["kept_fraction"] == pytest.approx(float(kept[k]), abs=1e-9)
+        assert ref["fitness"] == pytest.approx(float(f[k]), rel=0, abs=_acceptance_atol(tiny_llama, fit))
+        assert ref["kept_fraction"] == pytest.approx(float(kept[k]), rel=0, abs=1e-12)   # ratios of equal counts
     assert np.array_equal(fit.evaluate(pop, [0, 1]), f)                      # deterministic, cached state unchanged
     if refresh:
         assert [j for j, _, _ in fit._prepare(0).refreshes] == [2]             # 4 tail tokens, a refresh after 2
         no_refresh, _ = _fitness(tiny_llama, rows, mode=mode)
-        assert not np.allclose(no_refresh.evaluate(pop, [0, 1]), f)
+        assert np.abs(no_refresh.evaluate(pop, [0, 1]) - f).max() > 100 * _acceptance_atol(tiny_llama, fit)  # not rounding
 
 
 def test_refreshed_keep_all_reproduces_the_full_cache_and_bad_refresh_keys_are_refused(tiny_llama, rows):
     from experiments.agreement_fitness import AgreementFitnessError
 
     fit, cfg = _fitness(tiny_llama, rows, budget=1.0, refresh_every=1)
-    assert np.allclose(fit.evaluate(np.zeros((1, num_params(cfg)), np.float32), [0, 1]), 1.0, atol=1e-9)
+    np.testing.assert_allclose(fit.evaluate(np.zeros((1, num_params(cfg)), np.float32), [0, 1]), 1.0, rtol=0,
+                               atol=_acceptance_atol(tiny_llama, fit))
     assert len(fit._prepare(0).refreshes) == 3
     for key, bad in (("refresh_every", 0), ("refresh_every", 2.5), ("refresh_window", 0), ("refresh_window", None)):
         with pytest.raises(AgreementFitnessError, match=key):
@@ -93,4 +110,5 @@ def test_acceptance_measure():
     p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
     logits = torch.log(torch.tensor([[0.25, 0.75, 1e-30], [1.0, 1e-30, 1e-30]]))
     acc, match = acceptance(p, logits)
-    assert acc == pytest.approx((0.75 + 1.0) / 2) and match == 0.5
+    # float32 logits of 0.25 / 0.75 (|log| < 1.4: rounded by < eps), a float64 softmax: p moves by < 2 eps
+    assert acc == pytest.approx((0.75 + 1.0) / 2, rel=0, abs=2 * EPS32) and match == 0.5

@@ -17,6 +17,8 @@ import pytest
 from namm.evolve import (CMA_ES, EvolutionConfig, EvolutionError, Cursor, evolve, lazy_eigen_interval,
                          load_checkpoint, make_strategy, next_items, population_sharding)
 
+from conftest import EPS32
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A deterministic toy problem: maximise -mean_i ||x - t_i||^2 over sampled targets t_i.
@@ -63,12 +65,14 @@ def test_paper_defaults():
     assert es.num_elites == 16
     w = np.asarray(params.weights)
     # namm-reference.md 5.1: positive weights, rank 1 -> 16, and the derived constants
+    # the reference's table to 3 decimals; its figures sit up to 5.5e-4 from the exact log weights (more than
+    # their rounding), so 1.5e-3 (float64 arithmetic on both sides: nothing here varies between runs)
     np.testing.assert_allclose(w[:16], [.198, .149, .120, .100, .084, .071, .061, .051,
-                                        .043, .035, .029, .023, .017, .012, .007, .002], atol=1.5e-3)
+                                        .043, .035, .029, .023, .017, .012, .007, .002], rtol=0, atol=1.5e-3)
     assert np.all(w[16:] < 0) and abs(w[:16].sum() - 1) < 1e-5
     np.testing.assert_allclose([params.mu_eff, params.c_1, params.c_mu, params.c_std, params.c_c, params.chi_n],
-                               [9.179, 1.15e-7, 8.37e-7, 0.00267, 0.00096, 64.59], rtol=3e-3)
-    assert float(params.std_init) == pytest.approx(0.065) and params.c_mean == 1.0
+                               [9.179, 1.15e-7, 8.37e-7, 0.00267, 0.00096, 64.59], rtol=3e-3)  # printed to 3-4 digits
+    assert float(params.std_init) == pytest.approx(0.065, rel=EPS32) and params.c_mean == 1.0     # 0.065 as float32
     assert lazy_eigen_interval(es, params) == es.eigen_interval == 25
 
 
@@ -81,7 +85,8 @@ def test_lazy_eigen_ask_matches_evosax_on_decomposition_generations():
     s_lazy = lazy.init(jax.random.key(0), jnp.ones(5), p)
     x_ref, _ = ref.ask(jax.random.key(1), s_ref, p)
     x_lazy, _ = lazy.ask(jax.random.key(1), s_lazy, p)
-    np.testing.assert_allclose(x_ref, x_lazy, rtol=1e-6, atol=1e-6)
+    # mean + sigma B D z in 5 dimensions: 5-term float32 sums, possibly in another order
+    np.testing.assert_allclose(x_ref, x_lazy, rtol=0, atol=5 * EPS32 * float(np.abs(np.asarray(x_ref)).max()))
 
 
 def test_data_cursor_without_replacement_and_deterministic():

@@ -14,6 +14,8 @@ from namm.torch.generate import prefill
 from namm.torch.policies import PolicyConfigError
 from namm.torch.policy import NAMMPolicy
 
+from conftest import EPS32
+
 ARCHS = ["llama", "qwen3", "mistral"]
 SMALL = {"chunk_size": 16, "update_interval": 32}
 
@@ -73,8 +75,8 @@ def test_keep_all_equals_dynamic_cache(models, arch):
         out = [model(input_ids=c, past_key_values=cache, use_cache=True).logits for c in chunks]
     assert cache.layers[0].num_updates == 3
     assert cache.stored_tokens() == [100, 100]
-    for a, b in zip(ref, out):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(ref, out):   # nothing evicted, the same K/V in the same order: the same kernels, bit for bit
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -85,7 +87,8 @@ def test_chunked_prefill_equals_full_forward(models, arch):
         full = model(input_ids=ids).logits[:, -1]
         cache = build_policy({"name": "full", "chunk_size": 16}).make_cache(model)
         last = prefill(model, cache, ids)
-    torch.testing.assert_close(last, full, rtol=0, atol=1e-5)
+    # SDPA over 16-token chunks vs one 77-token call: the same sums blocked differently (measured <= 1.6 eps max|logit|)
+    torch.testing.assert_close(last, full, rtol=0, atol=16 * EPS32 * full.abs().max().item())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -99,7 +102,9 @@ def test_attention_rows_equal_eager(models, arch):
         prefill(model, cache, ids)
     n_kv = model.config.num_key_value_heads
     for layer, a in zip(cache.layers, att):
-        torch.testing.assert_close(layer.pending_rows(), gqa_average(a, n_kv), rtol=0, atol=1e-5)
+        # rows recomputed from the cached q/k (softmax over <= 48 keys, head_dim-term logits) vs eager's: float32
+        # order; probabilities <= 1 (measured <= 6 eps)
+        torch.testing.assert_close(layer.pending_rows(), gqa_average(a, n_kv), rtol=0, atol=64 * EPS32)
 
 
 def test_unequal_layer_lengths_prefill_and_decode(models):
@@ -121,7 +126,9 @@ def test_unequal_layer_lengths_prefill_and_decode(models):
             model(input_ids=extra[:, i : i + 1], position_ids=pos[:, i : i + 1], past_key_values=ref).logits
             for i in range(3)
         ]
-    torch.testing.assert_close(chunk, torch.cat(steps, dim=1), rtol=0, atol=1e-5)
+    # a 3-query SDPA vs three 1-query calls over unequal per-layer caches: float32 order (measured <= 4.4 eps max|logit|)
+    want = torch.cat(steps, dim=1)
+    torch.testing.assert_close(chunk, want, rtol=0, atol=16 * EPS32 * want.abs().max().item())
     out = greedy_generate(model, ids, None, 40, policy=EvictOdd())
     assert len(out.token_ids) == 40 and out.seen_tokens == 70 + 39
     assert out.stored_tokens[0] == out.seen_tokens > out.stored_tokens[1]
@@ -200,10 +207,10 @@ def test_baselines_keep_their_budget(models, name):
     ids = ids_of(100, seed=8)
     out = greedy_generate(model, ids, None, 5, policy=build_policy({"name": name, "budget": 0.25, **SMALL}))
     want = resolve_budget(0.25, 100)  # end-of-prefill update: exactly the budget
-    assert out.kv_fraction_prefill == pytest.approx(want / 100)
+    assert out.kv_fraction_prefill == pytest.approx(want / 100, rel=0, abs=1e-12)   # a ratio of counts (float64)
     assert out.stored_tokens == [want + 4, want + 4]  # 4 decode tokens since, no interval crossed
     out = greedy_generate(model, ids, None, 5, policy=build_policy({"name": name, "budget": 20, **SMALL}))
-    assert out.kv_fraction_prefill == pytest.approx(20 / 100)
+    assert out.kv_fraction_prefill == pytest.approx(20 / 100, rel=0, abs=1e-12)
 
 
 def test_question_outside_compression_is_never_evicted(models):
@@ -222,7 +229,7 @@ def test_question_outside_compression_is_never_evicted(models):
         assert layer.positions[0, 0, -20:].tolist() == list(range(80, 100))
         assert layer.stored == 36
     inside = greedy_generate(model, ctx, q, 30, policy=policy, compress_question=True)
-    assert inside.kv_fraction_prefill == pytest.approx(16 / 100)
+    assert inside.kv_fraction_prefill == pytest.approx(16 / 100, rel=0, abs=1e-12)
 
 
 def test_masked_mode_and_random_namm(models):

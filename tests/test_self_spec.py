@@ -20,6 +20,8 @@ from namm.torch.cache import CacheConfigError
 from namm.torch.generate import prefill
 from spec_decode.torch import Sampling, SelfSpecProposer, autoregressive_generate, speculative_generate
 
+from conftest import EPS32
+
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 SCHEDULE = {"chunk_size": 32, "update_interval": 64}
 POLICIES = {
@@ -83,7 +85,7 @@ def test_rollback_leaves_no_trace(tiny_llama, name):
     assert ref.seen_tokens == proposer.cache.seen_tokens
     for a, b in zip(ref.layers, proposer.cache.layers):
         assert torch.equal(a.positions, b.positions) and a.last_update_seen == b.last_update_seen
-        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=0)   # rolled back to the same tokens' keys: bit for bit
 
 
 def test_room_stops_drafts_before_an_update(tiny_llama):
@@ -192,8 +194,11 @@ def test_carried_refresh_continues_the_policy_over_the_full_cache(tiny_llama):
     prefill(model, full, out[:, :n])
     for (state, m), layer in zip(proposer.carried, full.layers):
         assert m == n and layer.last_update_seen == n and layer.stored == n
-        torch.testing.assert_close(state["ema"], layer.state["ema"], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(state["left_context"], layer.state["left_context"], rtol=1e-4, atol=1e-5)
+        # attention rows of the same tokens from drafts/refresh windows vs a plain prefill (SDPA shapes differ, rows
+        # <= 1), through a 32-term DFT per hop and the EMA: n_fft eps of the largest spectral sum (measured <= 7 eps)
+        for key in ("ema", "left_context"):
+            torch.testing.assert_close(state[key], layer.state[key], rtol=0,
+                                       atol=32 * EPS32 * max(1.0, layer.state[key].abs().max().item()))
     # the draft holds the budget of the top-scored of those n tokens (the newest forced, as always) and every
     # token after them (fed again since the refresh, not yet scored)
     ids = out[0].tolist()
@@ -311,8 +316,8 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
         r = rows[key]
         assert 0 <= r["alpha"] <= 1 and r["tokens_per_call"] >= 1 and r["c"] > 0 and r["speedup"] > 0
         assert 0.4 < r["kv_fraction"] < 0.8 and r["budget"] == 0.5 and r["decode_speedup"] > 0
-        assert r["predicted_speedup_kv"] == pytest.approx(specbench.expected_speedup(r["alpha"], 4, 0.5))
-    assert specbench.expected_speedup(0.8, 5, 0.0) == pytest.approx(3.69, abs=0.01)   # the reference figure
+        assert r["predicted_speedup_kv"] == pytest.approx(specbench.expected_speedup(r["alpha"], 4, 0.5))  # float64
+    assert specbench.expected_speedup(0.8, 5, 0.0) == pytest.approx(3.69, abs=0.005)  # the reference figure, 2 decimals
     by_ctx = report["selfspec"]["selfspec"]["by_context"]            # the same rows per context length
     assert set(by_ctx) == {"300", "400"} and all(set(r) == set(rows) for r in by_ctx.values())
     for key in ("target", "h2o_0.5@4"):                          # all prompts = both groups merged
@@ -322,7 +327,8 @@ def test_specbench_selfspec_end_to_end(tmp_path, capsys):
     assert sum(p["refreshes"] for p in per_prompt if p["key"] == "h2o_refreshed_0.5@4") >= 2
     assert len(per_prompt) == 2 * 4 and {p["context"] for p in per_prompt} == {300, 400}
     h2o = [p for p in per_prompt if p["key"] == "h2o_0.5@4"]
-    assert sum(p["accepted"] for p in h2o) / sum(p["proposed"] for p in h2o) == pytest.approx(rows["h2o_0.5@4"]["alpha"])
+    assert sum(p["accepted"] for p in h2o) / sum(p["proposed"] for p in h2o) == pytest.approx(rows["h2o_0.5@4"]["alpha"],
+                                                                                            rel=0, abs=1e-12)  # counts
     md = (tmp_path / "specbench.md").read_text()
     assert "| kv_retrieval | h2o_0.5@4 |" in md and "| all | h2o_refreshed_0.5@4 (refresh every 4, window 32, state carried, forked prefill) |" in md
     assert "c = budget" in md and "| all | namm_0.5@4 | 0.5 |" in md and "| 300 | namm_0.5@4 | 0.5 |" in md

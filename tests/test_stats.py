@@ -22,7 +22,7 @@ def test_round_trip_fp16_and_resume(tmp_path):
     assert name == "passkey-a_1" and store.has(name)
     back = stats.read_prompt(stats.open_store(tmp_path), name)
     assert back.q.dtype == np.float16 and back.q.shape == (2, 4, 40, 8)
-    np.testing.assert_allclose(back.k, p.k.astype(np.float16))
+    np.testing.assert_array_equal(back.k, p.k.astype(np.float16))           # stored as float16: read back bit for bit
     assert (back.context_len, back.question_len, back.answer_len, back.score) == (30, 6, 4, 0.5)
     assert back.prompt_len == 36 and back.num_tokens == 40
     # 2 layers x (4 + 2 + 2 heads) x 8 dims x 2 bytes per token, plus a small header
