@@ -193,10 +193,22 @@ def load_model_from_cfg(model_cfg: Any, device: str = "cpu", cache: str | os.Pat
     if "source" not in cfg:
         raise ModelSpecError(f"model config {cfg.get('name', '?')!r} has no 'source'; set model.source to one of: "
                              f"{'; '.join(SPEC_FORMS)}")
-    return load_model(cfg["source"], dtype=cfg.get("dtype", "float32"), device=device,
-                      arch=cfg.get("arch", "llama"), seed=int(cfg.get("seed", 0)),
-                      config_overrides=cfg.get("config_overrides") or {},
-                      attn_implementation=cfg.get("attn_implementation", "sdpa"), cache=cache)
+    max_context = cfg.get("max_context")
+    if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                    or max_context < 2):
+        raise ModelSpecError(f"model.max_context={max_context!r}; use a token count >= 2 (the prompt plus "
+                             f"max_new_tokens must fit in it) or null for no truncation")
+    model, tok = load_model(cfg["source"], dtype=cfg.get("dtype", "float32"), device=device,
+                            arch=cfg.get("arch", "llama"), seed=int(cfg.get("seed", 0)),
+                            config_overrides=cfg.get("config_overrides") or {},
+                            attn_implementation=cfg.get("attn_implementation", "sdpa"), cache=cache)
+    n_pos = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if max_context is not None and n_pos and max_context > int(n_pos):
+        raise ModelSpecError(
+            f"model.max_context={max_context} exceeds the context of model {cfg.get('name', cfg['source'])!r} "
+            f"({n_pos} tokens, max_position_embeddings); set model.max_context={n_pos} or less, or extend the "
+            f"model with model.config_overrides.max_position_embeddings (and a matching rope_theta)")
+    return model, tok
 
 
 def model_signature(model) -> dict:

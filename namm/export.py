@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load, save
 
 from namm.config import NAMMConfig
 from namm.scoring import num_params, param_layout
-from namm.shards import atomic_write_bytes, atomic_write_json
+from namm.shards import atomic_write_bytes, atomic_write_json, kill_point
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -68,6 +68,15 @@ def named_params(params_flat, cfg: NAMMConfig, lead: tuple[int, ...] = ()) -> di
 SCHEDULE_KEYS = ("chunk_size", "update_interval", "final_update")
 
 
+def _sorted_header(blob: bytes) -> bytes:
+    """The safetensors file with its JSON header's keys sorted: ``save`` writes ``__metadata__`` in hash order,
+    which differs between processes, so the same parameters would give other bytes (and checksum) each run."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)                  # padded to 8 bytes, as safetensors writes it
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
+
+
 def save_pretrained(
     path,
     params_flat,
@@ -99,8 +108,9 @@ def save_pretrained(
     mean, var = _norm_arrays(norm_stats, cfg.features.spec_dim)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    blob = save(tensors, metadata={"format": "namm-policy", "format_version": str(FORMAT_VERSION)})
+    blob = _sorted_header(save(tensors, metadata={"format": "namm-policy", "format_version": str(FORMAT_VERSION)}))
     atomic_write_bytes(out / WEIGHTS_NAME, blob)
+    kill_point("export")                  # testing hook (NAMM_KILL_AT=export): weights written, config not yet
     meta = {
         "format_version": FORMAT_VERSION,
         "library": "namm-spec",
@@ -126,11 +136,31 @@ def save_pretrained(
 def load_pretrained(path) -> tuple[np.ndarray, NAMMConfig, tuple[np.ndarray, np.ndarray], dict]:
     """Read a policy directory back on the JAX side: (params_flat, cfg, (mean, var), config dict)."""
     path = Path(path)
-    meta = json.loads((path / CONFIG_NAME).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: unknown format_version {meta.get('format_version')!r}")
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise ExportError(f"{path}: no {CONFIG_NAME}; pass a directory written by namm.export.save_pretrained")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{cfg_path} is not valid JSON ({e}); re-export the policy") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ExportError(f"{cfg_path}: unknown format_version {version!r} (this version reads "
+                          f"[{FORMAT_VERSION}]); upgrade namm-spec or re-export the policy")
+    missing = [k for k in ("namm", "norm_stats", "shared_across_layers_heads") if k not in meta]
+    if missing:
+        raise ExportError(f"{cfg_path}: missing key {missing[0]!r}; re-export the policy")
     cfg = NAMMConfig.from_dict(meta["namm"])
-    tensors = load_file(str(path / WEIGHTS_NAME))
+    if not w_path.is_file():
+        raise ExportError(f"{path}: no {WEIGHTS_NAME}; the export is incomplete, re-export the policy")
+    blob = w_path.read_bytes()
+    if meta.get("weights_sha256") not in (None, hashlib.sha256(blob).hexdigest()):
+        raise ExportError(f"{w_path} is truncated or corrupted (checksum mismatch with {CONFIG_NAME}); "
+                          f"re-export the policy")
+    try:
+        tensors = load(blob)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type on torn files
+        raise ExportError(f"{w_path} is truncated or corrupted ({e}); re-export the policy") from None
     lead = () if meta["shared_across_layers_heads"] else tuple(tensors[param_layout(cfg)[0][0]].shape[:2])
     flat = np.concatenate([tensors[n].reshape(*lead, -1) for n, _ in param_layout(cfg)], axis=-1)
     ns = meta["norm_stats"]

@@ -26,8 +26,8 @@ def validate_row(row, where: str) -> dict:
         raise TaskError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     missing = [k for k in REQUIRED if k not in row]
     if missing:
-        raise TaskError(f"{where}: row is missing {', '.join(repr(k) for k in missing)} "
-                        f"(LongBench schema: {', '.join(SCHEMA)})")
+        raise TaskError(f"{where}: row is missing {', '.join(repr(k) for k in missing)}; every row needs "
+                        f"{', '.join(REQUIRED)} (LongBench schema: {', '.join(SCHEMA)})")
     if not isinstance(row["context"], str):
         raise TaskError(f"{where}: 'context' must be a string")
     answers = row["answers"]

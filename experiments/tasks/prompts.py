@@ -164,6 +164,9 @@ def build_prompts(rows: Sequence[Mapping], tokenizer, chat: bool, max_context: i
         if max_context is not None:
             new = (max_new_tokens or {}).get(name, get_spec(name).max_new_tokens)
             budget = int(max_context) - int(new)
+            if budget < 2:
+                raise TaskError(f"{name}: model.max_context={max_context} leaves {budget} tokens for the prompt after "
+                                f"max_new_tokens={new}; raise model.max_context above {int(new) + 1}")
         p = build_prompt(row, tokenizer, chat, budget, templates)
         truncated[name] += p.truncated
         total[name] += 1

@@ -53,6 +53,33 @@ def prefill(model, cache: NAMMCache, ids: torch.Tensor, chunk_size: int | None =
     return logits
 
 
+class ContextLengthError(ValueError):
+    """A prompt plus ``max_new_tokens`` that does not fit the model's context."""
+
+
+def model_context(model) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` of its decoder config), or None if unknown."""
+    config = model.config
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def check_context(model, prompt_tokens: int, max_new_tokens: int, where: str = "") -> None:
+    """Raise a one-line :class:`ContextLengthError` when ``prompt_tokens + max_new_tokens`` exceeds the model's
+    context, naming the three numbers and the fix."""
+    ctx = model_context(model)
+    if ctx is None or prompt_tokens + max_new_tokens <= ctx:
+        return
+    fixes = [f"truncate the prompt to {ctx - max_new_tokens} tokens" if ctx > max_new_tokens else None,
+             f"lower max_new_tokens to {ctx - prompt_tokens}" if ctx > prompt_tokens else None,
+             "or set model.max_context (evaluation truncates each prompt to max_context - max_new_tokens)"]
+    raise ContextLengthError(
+        f"{where + ': ' if where else ''}a prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} = "
+        f"{prompt_tokens + max_new_tokens} tokens exceeds the model's context of {ctx} tokens "
+        f"(max_position_embeddings); {', '.join(f for f in fixes if f)}")
+
+
 def _check_ids(name: str, ids) -> torch.Tensor | None:
     if ids is None:
         return None
@@ -82,6 +109,7 @@ def greedy_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer; pass tokenizer=...")
+    check_context(model, context_ids.shape[1] + (0 if question_ids is None else question_ids.shape[1]), max_new_tokens)
     if isinstance(eos_token_ids, int):
         eos_token_ids = [eos_token_ids]
     eos = set(eos_token_ids or [])

@@ -148,6 +148,14 @@ class NAMMPolicy(TorchPolicy):
                     f"parameter {name!r} has shape {got}, expected {shape}"
                     + ("" if self.shared else " after a leading [num_layers, num_kv_heads]")
                 )
+        if not self.shared:
+            leads = {tuple(t.shape[:2]) for t in self.params.values()}
+            recorded = (self.base_model.get("num_layers"), self.base_model.get("num_kv_heads"))
+            if len(leads) > 1 or (None not in recorded and leads != {tuple(int(n) for n in recorded)}):
+                raise PolicyFormatError(
+                    f"per-layer/per-head parameters with leading shapes {sorted(leads)} do not match the recorded "
+                    f"base model ({recorded[0]} layers x {recorded[1]} KV heads); re-export the policy"
+                )
 
     @classmethod
     def untrained(cls, cfg: NAMMConfig | None = None, norm_stats=None, **kw) -> "NAMMPolicy":
@@ -236,7 +244,7 @@ class NAMMPolicy(TorchPolicy):
         if self.shared:
             return
         sig = model_signature(model)
-        want = (self.base_model.get("num_layers"), self.base_model.get("num_kv_heads"))
+        want = tuple(int(n) for n in next(iter(self.params.values())).shape[:2])  # what the parameters hold
         if (sig["num_layers"], sig["num_kv_heads"]) != want:
             raise CacheConfigError(
                 f"this NAMM has per-layer/per-head parameters for {want[0]} layers x {want[1]} KV heads "

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from namm.torch.generate import check_context
 from spec_decode.torch.draft import check_compatible
 from spec_decode.torch.speculative import SpecStats
 
@@ -40,6 +41,7 @@ def hf_generate(target, input_ids: torch.Tensor, max_new_tokens: int, *, draft=N
                 prompt_lookup: int | None = None, do_sample: bool = False, eos_token_id=None,
                 **gen_kwargs) -> tuple[torch.Tensor, SpecStats]:
     """``target.generate`` with ``assistant_model=draft`` (or ``prompt_lookup_num_tokens``), greedy by default."""
+    check_context(target, input_ids.shape[1], max_new_tokens)
     stats = SpecStats()
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
                   pad_token_id=eos_token_id if isinstance(eos_token_id, int) else None, **gen_kwargs)

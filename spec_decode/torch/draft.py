@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, DynamicCache, LlamaForCausalLM
 
 FORMAT_KEY = "namm_spec_draft"   # written by spec_decode.export (JAX side); the format is the bridge
+SUPPORTED_FORMATS = (1,)
 
 
 class DraftMismatchError(ValueError):
@@ -66,12 +67,25 @@ class DraftHandle:
         if not cfg_path.exists():
             raise CorruptDraftError(f"{path} has no config.json; point to a directory written by spec_decode.export")
         try:
-            meta = json.loads(cfg_path.read_text()).get(FORMAT_KEY)
-        except json.JSONDecodeError as e:
-            raise CorruptDraftError(f"{cfg_path} is not valid JSON ({e}); re-export the draft") from e
+            config = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptDraftError(f"{cfg_path} is not valid JSON ({e}); re-export the draft") from None
+        if not isinstance(config, dict):
+            raise CorruptDraftError(f"{cfg_path} must hold a JSON object (a Llama config); re-export the draft")
+        meta = config.get(FORMAT_KEY)
+        if meta is not None and (not isinstance(meta, dict) or meta.get("format_version") not in SUPPORTED_FORMATS):
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise CorruptDraftError(f"{cfg_path}: unknown draft format_version {version!r} (this runtime reads "
+                                    f"{list(SUPPORTED_FORMATS)}); upgrade namm-spec or re-export the draft")
+        if target is not None and config.get("vocab_size") is not None:   # refused before the weights load
+            tv = target.config.get_text_config().vocab_size
+            if int(config["vocab_size"]) != tv:
+                raise DraftMismatchError(f"draft {path} has vocab_size={config['vocab_size']} != target vocab_size="
+                                         f"{tv}; distill the draft from this target (same tokenizer) before using it "
+                                         f"for speculative decoding")
         if meta is not None:  # our exports carry checksums; a plain HF Llama directory loads unchecked
             weights = path / "model.safetensors"
-            if not weights.exists() or _sha256(weights) != meta["sha256"]:
+            if not weights.exists() or _sha256(weights) != meta.get("sha256"):
                 raise CorruptDraftError(f"{weights} is missing or corrupt (checksum mismatch); re-export the draft")
         try:
             model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
+from namm.torch.generate import check_context
 from spec_decode.torch.draft import DraftHandle
 
 
@@ -192,6 +193,7 @@ def speculative_generate(target, input_ids: torch.Tensor, proposer, max_new_toke
         raise ValueError(f"input_ids must be [1, prompt_len], got {tuple(input_ids.shape)}; batch size 1 only")
     if gamma < 0 or max_new_tokens < 1:
         raise ValueError(f"need gamma >= 0 and max_new_tokens >= 1, got gamma={gamma}, max_new_tokens={max_new_tokens}")
+    check_context(target, input_ids.shape[1], max_new_tokens)
     stats = stats or SpecStats()
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     t_start = time.perf_counter()
@@ -281,6 +283,7 @@ def _verify(logits, draft, q, sampling: Sampling, generator) -> tuple[int, int]:
 def autoregressive_generate(model, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
                             eos_token_id=None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, SpecStats]:
     """Target-only decoding with the same loop overheads (the speedup baseline): one call per token."""
+    check_context(model, input_ids.shape[1], max_new_tokens)
     stats = SpecStats()
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     t_start = time.perf_counter()
