@@ -5,7 +5,8 @@
 Per prompt: the full-cache greedy answer (scored with the task metric: the fitness normaliser),
 then one teacher-forced forward over prompt + answer that records, per selected layer, the
 post-RoPE queries, keys and values (fp16) through a registered attention function. One shard per
-prompt in ``stats_dir`` (``namm.stats``); a rerun skips finished shards; a directory extracted
+prompt in ``stats_dir`` (``namm.stats``); a rerun skips finished shards (and rewrites a truncated or
+corrupt one, which it finds by its recorded size and checksum); a directory extracted
 from another model or config is refused. Prints the storage cost per prompt per 1K tokens last.
 """
 
@@ -166,9 +167,11 @@ def extract(model, tokenizer, rows: Sequence[Mapping], stats_dir: str | Path, *,
                file=sys.stderr)
     for row, prompt in zip(rows, prompts):
         name = stats.shard_name(row["dataset"], str(row["_id"]))
-        if store.has(name):
+        if store.has(name, verify=True):
             bar.update(1)
             continue
+        if store.has(name):                   # recorded, but its file was truncated or altered since
+            log.warning("%s; extracting it again", store.problem(name))
         spec = get_spec(row["dataset"])
         text, out = generate_answer(model, tokenizer, prompt, spec, spec.max_new_tokens, eos_token_ids=eos,
                                     compress_question=compress_question)

@@ -98,7 +98,7 @@ def extract(model, tokenizer, cfg, out_dir: str | Path) -> ShardStore:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     for b, batch in enumerate(tqdm(batches, desc="teacher shards")):
         name = f"shard-{b:05d}"
-        if store.has(name):
+        if store.has(name, verify=True):      # a truncated or altered shard is written again
             continue
         ids = [p for _, p in batch]
         conts = continue_prompts(model, ids, cfg.max_new_tokens, eos, pad, cfg.temperature, cfg.seed + b)

@@ -178,9 +178,14 @@ def train(cfg) -> dict:
                       project=str(logging_cfg.get("project", "namm-spec")), name=str(cfg.run.name),
                       metrics_file=str(logging_cfg.get("metrics_file", "metrics.jsonl")))
 
+    logged = _logged_generations(tracker.metrics_path, str(cfg.run.name))
+
     def on_generation(metrics: dict, gen: int) -> None:
+        if gen in logged:       # redone after a kill between its log line and its checkpoint: logged once
+            return
         extra = {f"fitness/{k}_mean": float(np.mean(v)) for k, v in getattr(train_fit, "last_details", {}).items()}
         tracker.log({**metrics, **extra, "stage": str(cfg.run.name)}, step=gen)
+        logged.add(gen)
 
     fingerprint = {"fitness": fit_name, "fitness_cfg": fit_cfg, "namm": namm_cfg.to_dict(), "model": sig,
                    "items": [f"{rows[i]['dataset']}/{rows[i]['_id']}" for i in train_idx]}
@@ -208,11 +213,11 @@ def train(cfg) -> dict:
                                          else s_cfg.budget_target, solution_mean, cfg)
     elif fit_name == "agreement":
         references = _heldout_references(eval_fit, fit_cfg.get("policy_budget"), solution_mean, cfg, runtime=True)
-    hist = result.history
+    last = result.last_metrics          # the last generation's, also when a rerun had nothing left to do
     summary = {"stage": str(cfg.run.name), "fitness": fit_name, "generation": result.generation,
                "best_heldout_fitness": None if not np.isfinite(result.best_eval) else result.best_eval,
-               "last_train_fitness_mean": hist[-1]["fitness/mean"] if hist else None,
-               "last_train_fitness_best": hist[-1]["fitness/best"] if hist else None,
+               "last_train_fitness_mean": last.get("fitness/mean"),
+               "last_train_fitness_best": last.get("fitness/best"),
                "train_prompts": len(train_idx), "heldout_prompts": len(held_idx),
                "num_params": num_params(namm_cfg), "ckpt_dir": str(ckpt_dir),
                "export_dir": str(export_dir) if export_dir else None, "heldout_references": references,
@@ -252,6 +257,16 @@ def _heldout_references(eval_fit, budget, solution_mean, cfg, runtime: bool = Fa
     lines += [f"{k:<20} " + " ".join(f"{v[c]:>13.4f}" for c in cols) for k, v in out.items()]
     log.info("held-out prompts, same fitness:\n%s", "\n".join(lines))
     return out
+
+
+def _logged_generations(metrics_path: Path, stage: str) -> set[int]:
+    """Generations of ``stage`` already in the metrics file (a resumed run does not log them twice)."""
+    from experiments.tracking import read_metrics
+
+    if not Path(metrics_path).exists():
+        return set()
+    return {int(r["generation"]) for r in read_metrics(metrics_path)
+            if r.get("stage") == stage and isinstance(r.get("generation"), int)}
 
 
 def _norm_params(norm):

@@ -36,7 +36,7 @@ from evosax.algorithms.distribution_based.cma_es import eigen_decomposition
 from flax import serialization
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from namm.shards import atomic_write_bytes
+from namm.shards import atomic_write_bytes, kill_point, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ class Checkpoint:
     best_eval: float = -math.inf    # best held-out fitness of the mean in this stage
     best_eval_generation: int = -1
     meta: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)   # what the generation that wrote it logged
 
 
 def _meta(num_dims: int, cfg: EvolutionConfig, fingerprint: Mapping | None) -> dict:
@@ -208,21 +209,33 @@ def save_checkpoint(path: str | os.PathLike, ck: Checkpoint) -> None:
     arrays["key"] = np.asarray(jax.random.key_data(ck.key))
     info = {"generation": ck.generation, "stage_start": ck.stage_start, "cursor": asdict(ck.cursor),
             "best_eval": ck.best_eval if math.isfinite(ck.best_eval) else None,
-            "best_eval_generation": ck.best_eval_generation, "meta": ck.meta}
+            "best_eval_generation": ck.best_eval_generation, "meta": ck.meta, "metrics": ck.metrics}
     arrays["info_json"] = np.asarray(json.dumps(info, sort_keys=True))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike, template_state) -> Checkpoint:
-    path = Path(path)
+def _read_npz(path: Path, fix: str | Callable[[], str]) -> tuple[dict, dict]:
+    """(arrays, info) of a checkpoint file; a truncated or garbled one raises one ``EvolutionError`` line
+    ending with ``fix`` (or what ``fix()`` returns)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         info = json.loads(str(arrays.pop("info_json")))
-    except (OSError, ValueError, KeyError) as e:
-        raise EvolutionError(f"checkpoint {path} cannot be read ({e}); delete it to restart the stage") from e
+        if not isinstance(info, dict) or "generation" not in info:
+            raise ValueError("no generation in its info_json")
+    except Exception as e:  # noqa: BLE001 - zipfile, zlib, numpy and json each have their own errors
+        raise EvolutionError(f"checkpoint {path} cannot be read ({' '.join(str(e).split()) or type(e).__name__}); "
+                             f"{fix() if callable(fix) else fix}") from e
+    return arrays, info
+
+
+def load_checkpoint(path: str | os.PathLike, template_state,
+                    fix: str | Callable[[], str] = "delete it to restart the stage") -> Checkpoint:
+    """The checkpoint at ``path``; ``fix`` ends the one-line error raised for a file that cannot be read."""
+    path = Path(path)
+    arrays, info = _read_npz(path, fix)
     if info.get("meta", {}).get("version") != CKPT_VERSION:
         raise EvolutionError(f"checkpoint {path} has version {info.get('meta', {}).get('version')}, "
                              f"this code reads {CKPT_VERSION}; start a new run directory")
@@ -240,7 +253,8 @@ def load_checkpoint(path: str | os.PathLike, template_state) -> Checkpoint:
     return Checkpoint(state=state, key=jax.random.wrap_key_data(jnp.asarray(arrays["key"])),
                       generation=int(info["generation"]), stage_start=int(info["stage_start"]),
                       cursor=Cursor(**info["cursor"]), best_eval=-math.inf if best is None else float(best),
-                      best_eval_generation=int(info["best_eval_generation"]), meta=info["meta"])
+                      best_eval_generation=int(info["best_eval_generation"]), meta=info["meta"],
+                      metrics=dict(info.get("metrics") or {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +269,7 @@ class EvolveResult:
     generation: int
     history: list[dict]
     ckpt_dir: Path
+    last_metrics: dict = field(default_factory=dict)   # the last generation's metrics (also after a resume)
 
 
 def evolve(train_fitness: FitnessFn, num_dims: int, cfg: EvolutionConfig, ckpt_dir: str | os.PathLike,
@@ -267,7 +282,8 @@ def evolve(train_fitness: FitnessFn, num_dims: int, cfg: EvolutionConfig, ckpt_d
     ``ckpt_dir/latest.npz`` present -> resume it (same command, same result); else ``init_from``
     (a previous stage's ``best.npz``/``latest.npz``) -> continue its ES state; else a fresh start
     from ``init_mean`` (zeros: keep everything). ``callback(metrics, generation)`` receives the
-    per-generation metrics (wire it to ``Tracker.log``).
+    per-generation metrics (wire it to ``Tracker.log``); it runs before the generation's checkpoint is
+    written, so a generation killed in between is redone and reported again (``train_namm`` logs it once).
     """
     from tqdm.auto import tqdm
 
@@ -281,9 +297,11 @@ def evolve(train_fitness: FitnessFn, num_dims: int, cfg: EvolutionConfig, ckpt_d
         raise EvolutionError(f"init_mean has shape {mean0.shape}, expected ({num_dims},)")
     template = es.init(jax.random.key(0), mean0, params)
     writer = jax.process_index() == 0
+    if writer:
+        remove_stale_temporaries(ckpt_dir)     # a write killed mid-way; never read as a checkpoint
 
     if latest.exists():
-        ck = load_checkpoint(latest, template)
+        ck = load_checkpoint(latest, template, lambda: _latest_fix(best_path))
         if ck.meta != meta:
             diff = [k for k in sorted(set(ck.meta) | set(meta)) if ck.meta.get(k) != meta.get(k)]
             raise EvolutionError(f"{latest} belongs to another run (differs in {diff}); "
@@ -292,7 +310,7 @@ def evolve(train_fitness: FitnessFn, num_dims: int, cfg: EvolutionConfig, ckpt_d
     elif init_from is not None:
         if not Path(init_from).exists():
             raise EvolutionError(f"init_from={init_from} does not exist; run the previous stage first")
-        prev = load_checkpoint(init_from, template)
+        prev = load_checkpoint(init_from, template, "rerun the previous stage to rewrite it")
         if prev.meta.get("num_dims") != num_dims:
             raise EvolutionError(f"init_from={init_from} was trained with num_dims={prev.meta.get('num_dims')}; "
                                  f"this stage has {num_dims} parameters (same NAMM config needed)")
@@ -314,7 +332,7 @@ def evolve(train_fitness: FitnessFn, num_dims: int, cfg: EvolutionConfig, ckpt_d
                desc="CMA-ES", unit="gen", dynamic_ncols=True)
     best_mean = None
     if best_path.exists() and ck.best_eval_generation >= 0:
-        best_mean = np.asarray(load_checkpoint(best_path, template).state.mean)
+        best_mean = np.asarray(load_checkpoint(best_path, template, BEST_FIX.format(latest=latest)).state.mean)
     try:
         while ck.generation < stop:
             t0 = time.perf_counter()
@@ -344,21 +362,40 @@ def evolve(train_fitness: FitnessFn, num_dims: int, cfg: EvolutionConfig, ckpt_d
                     if writer:
                         save_checkpoint(best_path, ck)
                 metrics["eval/best"] = ck.best_eval
+            metrics["time/generation_s"] = time.perf_counter() - t0
+            ck.metrics = {k: v for k, v in metrics.items() if not k.startswith("time/")}
+            history.append(metrics)
+            if callback is not None:   # before the checkpoint: a kill in between redoes (and re-logs) this generation
+                callback(metrics, gen)
+            kill_point("generation")
             if writer:
                 save_checkpoint(latest, ck)                 # the generation is done only once this lands
-            metrics["time/generation_s"] = time.perf_counter() - t0
-            history.append(metrics)
-            if callback is not None:
-                callback(metrics, gen)
             bar.set_postfix(gen=gen, best=f"{metrics['fitness/best']:.4f}", mean=f"{metrics['fitness/mean']:.4f}")
             bar.update(1)
     finally:
         bar.close()
     return EvolveResult(mean=np.asarray(ck.state.mean), best_mean=best_mean, best_eval=ck.best_eval,
-                        generation=ck.generation, history=history, ckpt_dir=ckpt_dir)
+                        generation=ck.generation, history=history, ckpt_dir=ckpt_dir, last_metrics=dict(ck.metrics))
+
+
+BEST_FIX = "delete it and {latest} to restart the stage (a rerun reproduces both)"
+
+
+def _latest_fix(best_path: Path) -> str:
+    """How to get past an unreadable latest.npz: resume from best.npz when that one reads, else restart."""
+    try:
+        gen = int(_read_npz(best_path, "")[1]["generation"]) if best_path.exists() else None
+    except EvolutionError:
+        gen = None
+    if gen is None:
+        return "delete it to restart the stage"
+    return (f"copy {best_path.name} over it to resume from generation {gen} (same result), "
+            f"or delete it to restart the stage")
 
 
 def solution(ckpt: str | os.PathLike) -> np.ndarray:
     """The CMA-ES mean [D] stored in a checkpoint (the paper's solution)."""
-    with np.load(ckpt, allow_pickle=False) as z:
-        return np.asarray(z["state/mean"])
+    arrays, _ = _read_npz(Path(ckpt), "delete it and the stage's latest.npz to restart the stage")
+    if "state/mean" not in arrays:
+        raise EvolutionError(f"checkpoint {ckpt} holds no state/mean; use a checkpoint written by namm.evolve")
+    return np.asarray(arrays["state/mean"])

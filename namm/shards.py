@@ -2,9 +2,11 @@
 
 Used for KV statistics (``namm.stats``) and teacher data (``spec_decode``). Every file is written
 atomically (temporary file + ``os.replace``), so a killed writer leaves either the old state or the
-new one, never half a file; a rerun asks ``has(name)`` and skips finished shards. A manifest records
-a *fingerprint* (the model and the config that produced the data); opening a store with another
-fingerprint is refused with an error naming the keys that differ.
+new one, never half a file (its leftover temporary file is deleted by the next writer to open the
+store, once 10 minutes old); a rerun asks ``has(name, verify=True)`` and skips finished shards,
+rewriting a truncated or altered one. A manifest records a *fingerprint* (the model and the config
+that produced the data); opening a store with another fingerprint is refused with an error naming
+the keys that differ.
 
 Layout::
 
@@ -19,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,11 +30,56 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 FORMAT = "namm-shards"
+STALE_AFTER_S = 600.0   # a temporary file untouched this long belongs to no live writer
 VERSION = 1
 
 
 class ShardError(RuntimeError):
     """A shard store that cannot be used as asked (wrong data, corrupt file, unknown version)."""
+
+
+KILL_ENV = "NAMM_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    """Testing hook: SIGKILL this process at the named point when ``NAMM_KILL_AT`` names it.
+
+    ``NAMM_KILL_AT=export`` kills the first time the point ``export`` is reached, ``NAMM_KILL_AT=shard:2``
+    the second time. Points: ``shard`` (a shard file is in place, the manifest not yet updated),
+    ``generation`` (a generation is logged, its checkpoint not yet written), ``export`` (the policy's
+    weights are written, its config not yet). Unset (the default), this does nothing.
+    """
+    want = os.environ.get(KILL_ENV)
+    if not want:
+        return
+    point, _, nth = want.partition(":")
+    if point != name:
+        return
+    kill_point.counts[name] = kill_point.counts.get(name, 0) + 1
+    if kill_point.counts[name] == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+kill_point.counts = {}
+
+
+def remove_stale_temporaries(directory: Path, older_than_s: float = 0.0) -> list[Path]:
+    """Delete the temporary files (``.*.tmp``) a killed writer left in ``directory``: those last modified more
+    than ``older_than_s`` seconds ago (a directory other processes may be writing into needs a margin)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    gone, now = [], time.time()
+    for tmp in directory.glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime >= older_than_s:
+                tmp.unlink()
+                gone.append(tmp)
+        except FileNotFoundError:       # finished (renamed) or removed meanwhile
+            pass
+    return gone
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -53,6 +101,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+REWRITE_FIX = ("rerun the extraction (the same command), which rewrites only the missing, truncated or corrupt "
+               "shards (or delete the file first)")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _sha256(path: Path) -> str:
@@ -114,6 +170,8 @@ class ShardStore:
             self.manifest = {"format": FORMAT, "version": VERSION, "kind": kind,
                              "fingerprint": _canonical(fingerprint), "shards": {}}
             atomic_write_json(self.manifest_path, self.manifest)
+        if fingerprint is not None:   # a writer: what a killed writer left half-written goes (after a margin, as
+            remove_stale_temporaries(self.root, STALE_AFTER_S)   # several runs may extract into one store at once)
 
     @property
     def fingerprint(self) -> dict:
@@ -122,9 +180,29 @@ class ShardStore:
     def names(self) -> list[str]:
         return sorted(self.manifest["shards"])
 
-    def has(self, name: str) -> bool:
+    def has(self, name: str, verify: bool = False) -> bool:
+        """Whether shard ``name`` is recorded and its file exists; ``verify``: and matches its recorded size and
+        checksum (a truncated or altered file counts as absent, so a resumed writer rewrites it)."""
         entry = self.manifest["shards"].get(name)
-        return entry is not None and (self.root / entry["file"]).exists()
+        if entry is None or not (self.root / entry["file"]).exists():
+            return False
+        return not verify or self.problem(name) is None
+
+    def problem(self, name: str) -> str | None:
+        """None when shard ``name``'s file matches the manifest, else what is wrong with it."""
+        entry = self.manifest["shards"].get(name)
+        if entry is None:
+            return f"no shard {name!r} in {self.root}"
+        path = self.root / entry["file"]
+        if not path.exists():
+            return f"shard file {path} is missing"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return (f"shard file {path} is corrupt or truncated ({size} bytes, the manifest records "
+                    f"{entry['bytes']})")
+        if _sha256(path) != entry["sha256"]:
+            return f"shard file {path} is corrupt or truncated (checksum mismatch)"
+        return None
 
     def write(self, name: str, arrays: Mapping[str, np.ndarray], meta: Mapping | None = None) -> None:
         """Write one shard atomically, then record it in the manifest (also atomically)."""
@@ -141,6 +219,7 @@ class ShardStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        kill_point("shard")
         self.manifest["shards"][name] = {"file": path.name, "bytes": path.stat().st_size,
                                          "sha256": _sha256(path), "meta": _canonical(dict(meta or {}))}
         atomic_write_json(self.manifest_path, self.manifest)
@@ -152,14 +231,14 @@ class ShardStore:
             raise ShardError(f"no shard {name!r} in {self.root}; shards: {self.names()[:5]}...")
         path = self.root / entry["file"]
         if not path.exists():
-            raise ShardError(f"shard file {path} is missing; rerun the extraction to rewrite it")
-        if verify and (path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]):
-            raise ShardError(f"shard file {path} is corrupt or truncated (checksum mismatch); "
-                             f"delete it and rerun the extraction")
+            raise ShardError(f"shard file {path} is missing; {REWRITE_FIX}")
+        problem = self.problem(name) if verify else None
+        if problem:
+            raise ShardError(f"{problem}; {REWRITE_FIX}")
         try:
             arrays = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ShardError(f"shard file {path} cannot be read ({e}); delete it and rerun the extraction") from e
+            raise ShardError(f"shard file {path} cannot be read ({_one_line(e)}); {REWRITE_FIX}") from e
         return arrays, dict(entry["meta"])
 
     def total_bytes(self) -> int:
