@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -68,26 +68,101 @@ def _compared(entry) -> tuple[dict, bool]:
 
 
 def policy_runs(policy_cfg: Mapping, compare: Sequence[str] = (), budgets: Sequence | None = None) -> list[dict]:
-    """Every (policy, budget) to run: the selected policy and each compared one, at each budget.
+    """Every (policy, budget) to run: the selected policy and each compared one, at each budget, labelled.
 
     ``full`` ignores budgets and runs once; with ``budgets`` null each policy keeps its own budget,
-    and so does a compared mapping that sets ``budget`` (see ``_compared``).
+    and so does a compared mapping that sets ``budget`` (see ``_compared``). Each run carries a unique
+    ``label`` (see ``label_runs``); the same run asked for twice runs once.
     """
     base = [(dict(_plain(policy_cfg)), False)] + [_compared(c) for c in compare or []]
     if budgets is not None and not isinstance(budgets, (list, tuple)):
         raise EvaluateError(f"budgets={budgets!r}; pass a list, e.g. budgets=[256,512] or budgets=[0.25,0.5]")
-    runs, seen = [], set()
+    if budgets is not None:
+        from namm.torch.policies import check_budget
+
+        for b in budgets:
+            check_budget(b, f"budgets={list(budgets)}")
+    runs = []
     for p, fixed in base:
         if "name" not in p:
             raise EvaluateError("a policy config has no 'name'; see configs/policy/*.yaml")
         own = budgets is None or fixed or p["name"] == reporting.FULL
         for b in ([p.get("budget")] if own else list(budgets)):
-            run = {**p, "budget": None if p["name"] == reporting.FULL else b}
-            label = reporting.policy_label(run["name"], run["budget"])
-            if label not in seen:
-                seen.add(label)
-                runs.append(run)
-    return runs
+            runs.append({**p, "budget": None if p["name"] == reporting.FULL else b})
+    return label_runs(runs)
+
+
+LABEL_KEYS = ("label", "method")   # bookkeeping keys of a run, never passed to the policy
+
+
+def policy_knobs(run: Mapping) -> dict:
+    """A run's policy config without its bookkeeping keys (what ``build_policy`` and results rows get)."""
+    return {k: v for k, v in run.items() if k not in LABEL_KEYS}
+
+
+def _short(key: str, value, paths: Sequence = ()) -> str:
+    """``key=value`` for a label; a policy path as its shortest trailing part that tells it apart from the other
+    ``paths`` of the same policy name (``smollm2-i1``, or ``run_a/namm_policy`` beside ``run_b/namm_policy``)."""
+    if key != "path" or not isinstance(value, str):
+        return f"{key}={json.dumps(value) if isinstance(value, (bool, type(None))) else value}"
+    parts = Path(value.rstrip("/")).parts
+    others = [Path(str(p).rstrip("/")).parts for p in paths if str(p) != value]
+    for n in range(1, len(parts) + 1):
+        if all(o[-n:] != parts[-n:] for o in others):
+            return "/".join(parts[-n:])
+    return value
+
+
+def label_runs(runs: Sequence[Mapping]) -> list[dict]:
+    """Give every run a unique ``label`` (its column name) and ``method`` (the label without the budget).
+
+    Every run is first completed with its ``configs/policy`` defaults. A run's own ``label`` key wins (``{name: namm, path: DIR, label: mine}`` -> ``mine@0.5``). Else the
+    label is the policy name plus what differs between the runs of that name: the policy directory's
+    basename (or the bundled policy's name) and every other key that differs from the policy's
+    ``configs/policy`` defaults, e.g. ``namm[smollm2-i1,update_interval=0]@0.5``; a policy run once keeps
+    its bare name (``h2o@0.5``). The same config asked for twice runs once; two different configs that
+    would get one label are an error naming both.
+    """
+    runs = [{**_defaults(str(r["name"])), **_plain(r)} for r in runs]   # resolved: the yaml's keys included
+    by_name: dict[str, list[dict]] = {}
+    for r in runs:
+        by_name.setdefault(str(r["name"]), []).append(r)
+    for name, group in by_name.items():
+        knobs = [policy_knobs(r) for r in group]
+        keys = [k for k in dict.fromkeys(k for g in knobs for k in g) if k not in ("name", "budget")]
+        differ = [k for k in keys if len({json.dumps(g.get(k), sort_keys=True) for g in knobs}) > 1]
+        defaults = _defaults(name)
+        for r, g in zip(group, knobs):
+            if r.get("method") is None:
+                if r.get("label") is not None:
+                    method = str(r["label"])
+                else:
+                    paths = [k.get("path") for k in knobs]
+                    parts = [_short("path", g.get("path"), paths)] if "path" in differ else []
+                    parts += [_short(k, g.get(k)) for k in differ if k != "path" and g.get(k) != defaults.get(k)]
+                    method = name + (f"[{','.join(parts)}]" if parts else "")
+                r["method"] = method
+            r["label"] = reporting.policy_label(r["method"], r.get("budget"))
+    out, seen = [], {}
+    for r in runs:
+        cfg = json.dumps(policy_knobs(r), sort_keys=True)
+        if r["label"] in seen:
+            if seen[r["label"]] == cfg:
+                log.info("policy run %s is listed twice; it runs once", r["label"])
+                continue
+            raise EvaluateError(f"two different policy runs would both be labelled {r['label']!r}: "
+                                f"{seen[r['label']]} and {cfg}; give each a label of its own in compare, "
+                                f"e.g. {{name: {r['name']}, ..., label: {r['name']}-b}}")
+        seen[r["label"]] = cfg
+        out.append(r)
+    return out
+
+
+def _defaults(name: str) -> dict:
+    try:
+        return load_policy_cfg(name)
+    except EvaluateError:          # a run built in code for a policy without a yaml file
+        return {}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -113,8 +188,13 @@ def _limit(rows: list[dict], max_prompts) -> list[dict]:
     return out
 
 
-def _key(task, _id, policy, budget) -> str:
-    return json.dumps([task, str(_id), policy, budget])
+def _key(task, _id, label) -> str:
+    return json.dumps([task, str(_id), label])
+
+
+def _pred_label(p: Mapping) -> str:
+    """A prediction row's run label (rows written before labels existed: ``policy@budget``)."""
+    return p.get("label") or reporting.policy_label(p["policy"], p.get("budget"))
 
 
 def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping], out_dir: str | Path, *,
@@ -133,24 +213,30 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs = label_runs(runs)
     pred_path = out_dir / "predictions.jsonl"
     done = {}
     if pred_path.exists():
         for p in reporting.read_jsonl(pred_path):
-            done[_key(p["task"], p["_id"], p["policy"], p.get("budget"))] = p
+            done[_key(p["task"], p["_id"], _pred_label(p))] = p
+    _check_resumed(done.values(), runs, pred_path)
     prompts = build_prompts(rows, tokenizer, chat, max_context, templates)
+    from namm.torch.generate import check_context
+
+    for row, prompt in zip(rows, prompts):  # every prompt fits before the first generation
+        check_context(model, len(prompt), get_spec(row["dataset"]).max_new_tokens, f"{row['dataset']} {row['_id']}")
     eos = _eos_ids(model, tokenizer)
     todo = [(r, pr, run) for r, pr in zip(rows, prompts) for run in runs]
-    n_resumed = sum(_key(r["dataset"], r["_id"], run["name"], run.get("budget")) in done for r, _, run in todo)
+    n_resumed = sum(_key(r["dataset"], r["_id"], run["label"]) in done for r, _, run in todo)
     if n_resumed:
         log.info("resuming: %d of %d generations already in %s", n_resumed, len(todo), pred_path)
-    policies = {reporting.policy_label(run["name"], run.get("budget")): run for run in runs}
     preds = []
     bar = tqdm(total=len(todo), disable=not progress, desc="evaluate", unit="prompt", dynamic_ncols=True,
                file=sys.stderr)
+    _drop_torn_tail(pred_path)
     with open(pred_path, "a", encoding="utf-8") as f:
         for row, prompt, run in todo:
-            key = _key(row["dataset"], row["_id"], run["name"], run.get("budget"))
+            key = _key(row["dataset"], row["_id"], run["label"])
             spec = get_spec(row["dataset"])
             if key in done:  # resumed: rescored with the current metric (HumanEval results are kept)
                 rec = dict(done[key])
@@ -159,14 +245,15 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
                 preds.append(rec)
                 bar.update(1)
                 continue
-            policy = build_policy(policies[reporting.policy_label(run["name"], run.get("budget"))])
+            policy = build_policy(policy_knobs(run))
             t0 = time.perf_counter()
             text, out = generate_answer(model, tokenizer, prompt, spec, spec.max_new_tokens, policy=policy,
                                         eos_token_ids=eos, compress_question=question_in_compression)
             gen_s = time.perf_counter() - t0
             score = score_prediction(row["dataset"], text, row, timeout=humaneval_timeout)
             rec = {"task": row["dataset"], "_id": row["_id"], "length": row.get("context_tokens"),
-                   "policy": run["name"], "budget": run.get("budget"), "prediction": text,
+                   "policy": run["name"], "budget": run.get("budget"), "label": run["label"],
+                   "method": run["method"], "policy_config": policy_knobs(run), "prediction": text,
                    "answers": row["answers"] if spec.metric != "pass_at_1" else [row.get("entry_point")],
                    "score": score, "kv_fraction_prefill": float(out.kv_fraction_prefill),
                    "kv_fraction_decode": float(out.kv_fraction_decode), "prompt_tokens": len(prompt),
@@ -175,12 +262,34 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
             f.flush()
             preds.append(rec)
             bar.update(1)
-            bar.set_postfix_str(f"{row['dataset']} {reporting.policy_label(run['name'], run.get('budget'))}")
+            bar.set_postfix_str(f"{row['dataset']} {run['label']}")
     bar.close()
-    current = {_key(p["task"], p["_id"], p["policy"], p.get("budget")) for p in preds}
+    current = {_key(p["task"], p["_id"], _pred_label(p)) for p in preds}
     others = [p for k, p in done.items() if k not in current]  # runs of other commands into this directory
     reporting.write_jsonl(preds + others, pred_path)  # the finished file, in row order and without duplicates
     return preds
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line a killed write left without its newline, so that the next row starts a line of its own
+    (appended to the torn one, it would be unreadable on the next resume and generated again)."""
+    if path.exists():
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def _check_resumed(done: Iterable[Mapping], runs: Sequence[Mapping], pred_path: Path) -> None:
+    """Refuse to resume a label whose predictions on disk were made with another policy config."""
+    want = {r["label"]: json.dumps(policy_knobs(r), sort_keys=True) for r in runs}
+    for p in done:
+        label, cfg = _pred_label(p), p.get("policy_config")
+        if label in want and cfg is not None and json.dumps(cfg, sort_keys=True) != want[label]:
+            raise EvaluateError(
+                f"{pred_path} already holds predictions labelled {label!r} made with policy config "
+                f"{json.dumps(cfg, sort_keys=True)}, not {want[label]}; write to another output_dir or give this "
+                f"run its own label (compare=[{{name: ..., label: NEW}}]); the file is left as it is")
 
 
 def headline(results: Sequence[Mapping]) -> tuple[str, float, str]:
@@ -196,14 +305,18 @@ def headline(results: Sequence[Mapping]) -> tuple[str, float, str]:
     return f"{labels[-1]}_mean_score", means[labels[-1]], "the full-cache mean score (run it with compare=[full])"
 
 
-def check_policies(runs: Sequence[Mapping]) -> None:
+def check_policies(runs: Sequence[Mapping], model=None) -> None:
     """Build every policy run once before the model loads, so that a missing or unknown policy path, a bad
-    knob or a schedule that never evicts fails in seconds rather than after the model and tasks load."""
+    knob or a schedule that never evicts fails in seconds rather than after the model and tasks load; with
+    ``model``, also that each policy can serve it (per-layer NAMM parameters for its layer and head counts)."""
     from namm.torch.cache import check_schedule
     from namm.torch.policies import build_policy
 
     for run in runs:
-        check_schedule(build_policy(run))
+        policy = build_policy(policy_knobs(run))
+        check_schedule(policy)
+        if model is not None:
+            policy.check_model(model)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -219,6 +332,7 @@ def run(cfg: DictConfig) -> dict:
     templates = load_templates(cfg.get("templates"))
     torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_model_from_cfg(cfg.model, device=str(cfg.device), cache=cfg.get("cache_dir"))
+    check_policies(runs, model)
     rows = load_task(cfg.task, tokenizer, split=str(cfg.get("split", "test")), cache_dir=cfg.get("cache_dir"))
     rows = _limit(rows, cfg.get("max_prompts"))
     if not rows:
@@ -230,10 +344,12 @@ def run(cfg: DictConfig) -> dict:
                      templates=templates, humaneval_timeout=float(cfg.get("humaneval_timeout", 3.0)),
                      progress=bool(cfg.get("progress", True)))
     results = reporting.aggregate(preds)
-    paths = reporting.write_results(results, out_dir)
+    intervals = reporting.bootstrap_normalised(preds, seed=int(cfg.seed))
+    paths = reporting.write_results(results, out_dir, intervals)
     name, value, target = headline(results)
     summary = {"headline": {"name": name, "value": value, "target": target},
                "mean_score": reporting.column_means(results), "normalised_score": reporting.normalised_scores(results),
+               "normalised_score_95ci": intervals,
                "kv_fraction": reporting.column_means(results, "kv_fraction"), "n_prompts": len(rows),
                "model": cfg.model.get("name"), "task": cfg.task.get("name"), "split": cfg.get("split"),
                "question_in_compression": bool(cfg.get("question_in_compression", True)),
@@ -254,7 +370,7 @@ def _track(cfg, results, summary, out_dir: Path) -> None:
                       project=str(logging_cfg.get("project", "namm-spec")),
                       metrics_file=str(logging_cfg.get("metrics_file", "metrics.jsonl")))
     for r in results:
-        tag = f"{reporting.task_label(r['task'], r['length'])}/{reporting.policy_label(r['policy'], r['budget'])}"
+        tag = f"{reporting.task_label(r['task'], r['length'])}/{reporting.row_label(r)}"
         tracker.log({f"score/{tag}": r["score"], f"kv_fraction/{tag}": r["kv_fraction"]})
     tracker.log({f"mean_score/{k}": v for k, v in summary["mean_score"].items()})
     tracker.close()
@@ -284,5 +400,8 @@ def check_group_choices(argv: Sequence[str], groups: Sequence[str] = ("model", "
 
 
 if __name__ == "__main__":
+    from experiments.cli import check_overrides
+
     check_group_choices(sys.argv[1:])
+    check_overrides("evaluate", "evaluate")
     main()

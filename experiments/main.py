@@ -87,13 +87,14 @@ def run(cfg: DictConfig) -> dict:
     preds = evaluate(model, tok, rows, runs, eval_dir, **common)
     timings["evaluation_s"] = round(time.time() - t, 1)
     results = reporting.aggregate(preds)
-    paths = reporting.write_results(results, eval_dir)
+    intervals = reporting.bootstrap_normalised(preds, seed=int(cfg.seed))
+    paths = reporting.write_results(results, eval_dir, intervals)
     norm = reporting.normalised_scores(results)
     means = reporting.column_means(results)
     kv = reporting.column_means(results, "kv_fraction")
     namm_label = reporting.policy_label("namm", None)
     summary = {"stages": stages, "policy_dir": policy_dir, "baseline_budget": budget,
-               "normalised_score": norm, "mean_score": means, "kv_fraction": kv,
+               "normalised_score": norm, "normalised_score_95ci": intervals, "mean_score": means, "kv_fraction": kv,
                "heldout_prompts": len(rows), "timings": timings, "wall_s": round(time.time() - t0, 1),
                "files": {k: str(v) for k, v in paths.items()}}
     atomic_write_json(root / "main_summary.json", summary)

@@ -23,21 +23,38 @@ def policy_label(policy: str, budget) -> str:
     return policy if budget is None else f"{policy}@{budget}"
 
 
+def row_label(row: Mapping) -> str:
+    """Column name of a prediction or results row: its run ``label`` (``evaluate.label_runs``), or
+    ``policy@budget`` for rows written before labels existed."""
+    return row.get("label") or policy_label(row["policy"], row.get("budget"))
+
+
+def row_method(row: Mapping) -> str:
+    """A row's policy run without its budget: one line of the score-vs-kv plot joins a method's budgets."""
+    return row.get("method") or row["policy"]
+
+
 def task_label(task: str, length) -> str:
     """Row name of a task: ``task@1024`` for generated lengths, else the task name."""
     return task if length is None else f"{task}@{length}"
 
 
 def aggregate(predictions: Iterable[Mapping]) -> list[dict]:
-    """Per-prompt rows -> one row per (task, length, policy, budget): score = 100 x mean in [0, 100]."""
+    """Per-prompt rows -> one row per (task, length, run label): score = 100 x mean in [0, 100].
+
+    Each row carries the run's ``label``, ``method`` and full resolved ``policy_config`` (when the
+    predictions have them), so that a table can be traced back to what was run.
+    """
     groups: dict[tuple, list[Mapping]] = defaultdict(list)
     for p in predictions:
-        groups[(p["task"], p.get("length"), p["policy"], p.get("budget"))].append(p)
+        groups[(p["task"], p.get("length"), row_label(p))].append(p)
     out = []
-    for (task, length, policy, budget), ps in groups.items():
+    for (task, length, label), ps in groups.items():
         n = len(ps)
+        first = ps[0]
         out.append({
-            "task": task, "length": length, "policy": policy, "budget": budget,
+            "task": task, "length": length, "policy": first["policy"], "budget": first.get("budget"),
+            "label": label, "method": row_method(first), "policy_config": first.get("policy_config"),
             "score": round(100 * sum(float(p["score"]) for p in ps) / n, 2),
             "kv_fraction": round(sum(float(p["kv_fraction_prefill"]) for p in ps) / n, 4),
             "kv_fraction_decode": round(sum(float(p["kv_fraction_decode"]) for p in ps) / n, 4),
@@ -50,7 +67,7 @@ def aggregate(predictions: Iterable[Mapping]) -> list[dict]:
 
 
 def _order(r: Mapping):
-    return (r["task"], -1 if r.get("length") is None else r["length"], r["policy"] != FULL, r["policy"],
+    return (r["task"], -1 if r.get("length") is None else r["length"], r["policy"] != FULL, row_method(r),
             -math.inf if r.get("budget") is None else _num(r["budget"]))
 
 
@@ -64,7 +81,7 @@ def _num(x) -> float:
 def columns(results: Sequence[Mapping]) -> list[str]:
     seen: list[str] = []
     for r in results:
-        label = policy_label(r["policy"], r.get("budget"))
+        label = row_label(r)
         if label not in seen:
             seen.append(label)
     return sorted(seen, key=lambda c: (c != FULL, c))
@@ -78,7 +95,7 @@ def pivot(results: Sequence[Mapping], key: str = "score") -> tuple[list[str], li
         t = task_label(r["task"], r.get("length"))
         if t not in rows:
             rows.append(t)
-        cells[(t, policy_label(r["policy"], r.get("budget")))] = r[key]
+        cells[(t, row_label(r))] = r[key]
     return rows, columns(results), cells
 
 
@@ -86,7 +103,7 @@ def column_means(results: Sequence[Mapping], key: str = "score") -> dict[str, fl
     """Mean over task rows of each column (unweighted, as LongBench averages tasks)."""
     acc: dict[str, list[float]] = defaultdict(list)
     for r in results:
-        acc[policy_label(r["policy"], r.get("budget"))].append(float(r[key]))
+        acc[row_label(r)].append(float(r[key]))
     return {c: round(sum(v) / len(v), 2) for c, v in acc.items()}
 
 
@@ -102,12 +119,52 @@ def normalised_scores(results: Sequence[Mapping]) -> dict[str, float]:
     for r in results:
         ref = full.get((r["task"], r.get("length")))
         if ref:
-            acc[policy_label(r["policy"], r.get("budget"))].append(float(r["score"]) / ref)
+            acc[row_label(r)].append(float(r["score"]) / ref)
     return {c: round(sum(v) / len(v), 4) for c, v in acc.items() if v}
 
 
-def markdown_table(results: Sequence[Mapping]) -> str:
-    """Scores (0-100) with tasks as rows and policy@budget as columns, a mean row and a KV row."""
+def bootstrap_normalised(predictions: Sequence[Mapping], n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Per column, a percentile bootstrap interval of ``normalised_scores`` over the prompts.
+
+    Paired: each resample draws the prompts of a task row (task at one length) with replacement, and the
+    policy and the full cache are scored on the same draw; a task row whose resampled full-cache score is 0
+    is left out of that resample, as ``normalised_scores`` leaves it out. Seeded: the same predictions give
+    the same interval.
+    """
+    import numpy as np
+
+    cells: dict[tuple, dict[str, float]] = defaultdict(dict)     # (task, length, label) -> {_id: score}
+    for p in predictions:
+        cells[(p["task"], p.get("length"), row_label(p))][str(p["_id"])] = float(p["score"])
+    rng = np.random.default_rng(seed)
+    out = {}
+    for label in sorted({k[2] for k in cells} - {FULL}):
+        ratios, weights = [], []
+        for (task, length, lab), scores in cells.items():
+            full = cells.get((task, length, FULL))
+            ids = sorted(set(scores) & set(full or {}))
+            if lab != label or not ids:
+                continue
+            pick = rng.integers(0, len(ids), (n_boot, len(ids)))
+            pol = np.asarray([scores[i] for i in ids])[pick].mean(1)
+            ref = np.asarray([full[i] for i in ids])[pick].mean(1)
+            ok = ref > 0
+            ratios.append(np.where(ok, pol / np.where(ok, ref, 1.0), 0.0))
+            weights.append(ok)
+        if ratios:
+            w = np.asarray(weights, float)
+            counted = w.sum(0)
+            norm = (np.asarray(ratios) * w).sum(0)[counted > 0] / counted[counted > 0]
+            if norm.size:
+                lo, hi = np.quantile(norm, [(1 - level) / 2, (1 + level) / 2])
+                out[label] = (round(float(lo), 4), round(float(hi), 4))
+    return out
+
+
+def markdown_table(results: Sequence[Mapping], intervals: Mapping[str, tuple[float, float]] | None = None) -> str:
+    """Scores (0-100) with tasks as rows and policy@budget as columns, a mean row and a KV row; with
+    ``intervals`` (``bootstrap_normalised``) a row of 95 % intervals of the normalised score."""
     rows, cols, cells = pivot(results)
     _, _, kv = pivot(results, "kv_fraction")
     _, _, ns = pivot(results, "n")
@@ -123,6 +180,9 @@ def markdown_table(results: Sequence[Mapping]) -> str:
     norm = normalised_scores(results)
     if norm and any(c != FULL for c in cols):
         lines.append("| normalised (per task@length) | | " + " | ".join(f"{norm[c]:.3f}" if c in norm else "-" for c in cols) + " |")
+        if intervals:
+            lines.append("| normalised 95 % interval (bootstrap over prompts) | | " + " | ".join(
+                f"{intervals[c][0]:.3f}-{intervals[c][1]:.3f}" if c in intervals else "-" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +221,7 @@ def plot_score_vs_kv(results: Sequence[Mapping], path: str | Path) -> Path:
         by_policy: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for r in results:
             if task_label(r["task"], r.get("length")) == t:
-                by_policy[r["policy"]].append((float(r["kv_fraction"]), float(r["score"])))
+                by_policy[row_method(r)].append((float(r["kv_fraction"]), float(r["score"])))
         for policy, pts in sorted(by_policy.items()):
             pts.sort()
             line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)[0]
@@ -201,12 +261,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
-def write_results(results: Sequence[Mapping], out_dir: str | Path) -> dict[str, Path]:
+def write_results(results: Sequence[Mapping], out_dir: str | Path,
+                  intervals: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Path]:
     """results.jsonl, results.md and score_vs_kv.png in ``out_dir``."""
     out = Path(out_dir)
     paths = {"results": write_jsonl(results, out / "results.jsonl")}
     paths["table"] = out / "results.md"
-    atomic_write_bytes(paths["table"], markdown_table(results).encode())
+    atomic_write_bytes(paths["table"], markdown_table(results, intervals).encode())
     if results:
         paths["plot"] = plot_score_vs_kv(results, out / "score_vs_kv.png")
     return paths

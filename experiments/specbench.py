@@ -144,7 +144,8 @@ def run_selfspec(target, eos, prompts, suite, desc: str) -> tuple[dict, dict, di
                 for group in groups:
                     acc[(key, group)] = acc[(key, group)].merge(s)
                     kv[(key, group)].append(proposer.mean_kv_fraction)
-                meta[key] = {"policy": name, "budget": budget, **refresh[name]}
+                meta[key] = {"policy": name, "budget": budget, **refresh[name],
+                             "policy_config": {**pol, "budget": budget}}   # what ran, for tracing a row back
                 per_prompt.append({"id": pid, "task": task, "context": ctx, "key": key, "accepted": sum(s.accepted),
                                    "proposed": sum(s.proposed), "alpha": s.acceptance_rate if s.proposed else None,
                                    "kv_fraction": proposer.mean_kv_fraction, "refreshes": proposer.refreshes,

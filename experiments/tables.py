@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from experiments.reporting import FULL, policy_label
+from experiments.reporting import FULL, row_label
 from experiments.tasks.registry import REGISTRY
 from namm.shards import atomic_write_bytes
 
@@ -53,7 +53,7 @@ def read_results(paths: Iterable[str | Path]) -> list[dict]:
             missing = {"task", "policy", "score"} - set(row)
             if missing:
                 raise TablesError(f"{path}:{i} lacks {sorted(missing)}; is this a results.jsonl file?")
-            rows.append(row)
+            rows.append({**row, "_source": f"{path}:{i}"})
     return rows
 
 
@@ -68,12 +68,33 @@ def reference_rows(name: str) -> list[dict]:
              "kv_fraction": 1.0 if ref["policy"] == FULL else None, "n": 1} for t, s in ref["scores"].items()]
 
 
+def check_labels(rows: Sequence[Mapping]) -> None:
+    """Two results rows under one column label must come from the same policy config: results of
+    different policies are never merged into one column."""
+    seen: dict[str, Mapping] = {}
+    for r in rows:
+        cfg = r.get("policy_config")
+        if cfg is None:
+            continue
+        first = seen.setdefault(row_label(r), r)
+        if first["policy_config"] != cfg:
+            raise TablesError(
+                f"column {row_label(r)!r} would merge two different policy runs: {first.get('_source', '?')} "
+                f"({json.dumps(first['policy_config'], sort_keys=True)}) and {r.get('_source', '?')} "
+                f"({json.dumps(cfg, sort_keys=True)}); rerun one of them with its own label "
+                f"(compare=[{{name: ..., label: NEW}}])")
+
+
 def per_task(rows: Sequence[Mapping], by_length: bool = False) -> dict[str, dict[str, dict]]:
-    """{method: {task: {"score", "kv_fraction", "n"}}}, lengths merged (weighted by n) unless by_length."""
+    """{method: {task: {"score", "kv_fraction", "n"}}}, lengths merged (weighted by n) unless by_length.
+
+    A method is a run label (``row_label``); rows of different policy configs under one label are an
+    error (``check_labels``)."""
+    check_labels(rows)
     acc: dict[tuple[str, str], list[Mapping]] = defaultdict(list)
     for r in rows:
         task = r["task"] if not (by_length and r.get("length") is not None) else f"{r['task']}@{r['length']}"
-        acc[(policy_label(r["policy"], r.get("budget")), task)].append(r)
+        acc[(row_label(r), task)].append(r)
     out: dict[str, dict[str, dict]] = defaultdict(dict)
     for (method, task), rs in acc.items():
         n = sum(int(r.get("n") or 1) for r in rs)
@@ -152,7 +173,7 @@ def latex(head: Sequence[str], body: Sequence[Sequence[str]], caption: str) -> s
 
 
 def headline(summary: Mapping[str, dict]) -> str:
-    namm = [m for m in summary if m.split("@")[0] == "namm"]
+    namm = [m for m in summary if m.split("@")[0].split("[")[0] == "namm"]
     others = [m for m in summary if m != FULL and "reference" not in m]
     pick = namm[0] if namm else (max(others, key=lambda m: summary[m]["normalized"] or 0) if others else FULL)
     norm = summary[pick]["normalized"]
@@ -170,10 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = read_results(args.results)
         if args.reference:
             rows += reference_rows(args.reference)
+        tasks_by_method = per_task(rows, by_length=args.by_length)
     except TablesError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tasks_by_method = per_task(rows, by_length=args.by_length)
     head, body, thead, tbody = layout(tasks_by_method)
     out = Path(args.out) if args.out else Path(args.results[0]).resolve().parent if Path(args.results[0]).is_file() \
         else Path(args.results[0])

@@ -58,9 +58,9 @@ norm = reporting.normalised_scores(results)
 y, ylabel = (norm, "normalised score (full cache = 1)") if norm else (mean_score, "mean score (0-100)")
 lines = defaultdict(list)
 for r in results:
-    label = reporting.policy_label(r["policy"], r.get("budget"))
-    if label in y and (kv[label], y[label]) not in lines[r["policy"]]:
-        lines[r["policy"]].append((kv[label], y[label]))
+    label, method = reporting.row_label(r), reporting.row_method(r)
+    if label in y and (kv[label], y[label]) not in lines[method]:
+        lines[method].append((kv[label], y[label]))
 fig, ax = plt.subplots(figsize=(5.5, 4))
 for policy, pts in sorted(lines.items()):
     pts.sort()
