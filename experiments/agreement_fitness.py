@@ -307,25 +307,37 @@ class AgreementFitness:
                   [(shared.cache, shared.features)] + [(snap, feats) for _, snap, feats in shared.refreshes])
         return self._measure(shared, caches)
 
-    def _population(self, flats: np.ndarray, shared: _Shared) -> np.ndarray:
-        """``[P, 3]`` (acceptance, token match, kept fraction) of ``P`` candidates at once (module docstring)."""
+    def population_keeps(self, flats: np.ndarray, shared: _Shared) -> list:
+        """Per layer, the keep masks ``[P, Hkv, S]`` of ``P`` candidates on a prepared prompt (batched scorer and
+        selection over the shared features)."""
         import torch
 
-        from namm.torch.population import PopulationCache, population_scores, select_population, stack_params
+        from namm.torch.population import population_scores, select_population, stack_params
 
-        device = shared.tail.device
-        params = {k: v.to(device) for k, v in stack_params(flats, self.namm_cfg).items()}
-        keeps, stored = [], []
+        params = {k: v.to(shared.tail.device) for k, v in stack_params(flats, self.namm_cfg).items()}
+        keeps = []
         with torch.no_grad():
             for feats, positions, valid, seen in shared.features:
                 t0 = time.perf_counter()
                 scores = population_scores(params, self.namm_cfg, feats, valid)
                 t1 = time.perf_counter()
-                keep = select_population(scores, positions, valid, seen, self.namm_cfg.selection, self.budget)
-                stored.append(keep.sum(-1).amax(-1))        # the slots the candidate's own cache would store
-                keeps.append(None if bool(keep.all()) else keep)
+                keeps.append(select_population(scores, positions, valid, seen, self.namm_cfg.selection,
+                                               self.budget))
                 self.timings["scoring"] += t1 - t0
                 self.timings["selection"] += time.perf_counter() - t1
+        return keeps
+
+    def _population(self, flats: np.ndarray, shared: _Shared) -> np.ndarray:
+        """``[P, 3]`` (acceptance, token match, kept fraction) of ``P`` candidates at once (module docstring)."""
+        import torch
+
+        from namm.torch.population import PopulationCache
+
+        device = shared.tail.device
+        keeps = self.population_keeps(flats, shared)
+        stored = [keep.sum(-1).amax(-1) for keep in keeps]   # the slots the candidate's own cache would store
+        keeps = [None if bool(keep.all()) else keep for keep in keeps]
+        with torch.no_grad():
             kept = (torch.stack(stored).double().mean(0) / shared.cache.seen_tokens).cpu().numpy()
             t0 = time.perf_counter()
             n, start = shared.tail.shape[1], shared.scored.start
