@@ -129,6 +129,9 @@ class AgreementFitness:
             raise AgreementFitnessError(f"fitness.pop_chunk={pop_chunk!r}; use an int >= 1 (candidates run "
                                         "together in one batched forward)")
         self.batched = refresh_every is None if batched is None else batched
+        if batched is None and refresh_every is not None:
+            log.info("fitness.refresh_every=%d: candidates are evaluated one at a time (the population-batched "
+                     "path serves no refresh)", refresh_every)
         self.pop_chunk = pop_chunk
         self.timings: dict[str, float] = defaultdict(float)   # seconds per stage, accumulated (bench_fitness)
         self.model, self.tokenizer, self.rows = model, tokenizer, list(rows)

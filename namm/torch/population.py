@@ -172,6 +172,11 @@ class PopulationLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.shared_keys, self.shared_values = keys, values
         self.keep = keep
+        # additive mask [Hkv, P, 1, S]: 0 on kept slots, -inf on evicted ones (an add runs faster than a
+        # broadcast masked_fill over the query rows)
+        self.bias = None if keep is None else torch.zeros(keep.transpose(0, 1)[:, :, None].shape,
+                                                          dtype=keys.dtype, device=keys.device).masked_fill_(
+            ~keep.transpose(0, 1)[:, :, None], float("-inf"))
         self.seen = keys.shape[-2]
         self.own_keys: torch.Tensor | None = None
         self.own_values: torch.Tensor | None = None
@@ -209,16 +214,20 @@ class PopulationLayer(DynamicLayer):
         qg = (query * scaling).reshape(p, hkv, g * q, d)              # rows (group, query)
         ls = torch.matmul(qg.transpose(0, 1).reshape(hkv, p * g * q, ks.shape[-1]), ks.transpose(1, 2))
         ls = ls.view(hkv, p, g * q, s)                                 # [Hkv, P, G q, S]
-        if self.keep is not None:
-            ls.masked_fill_(~self.keep.transpose(0, 1)[:, :, None, :], float("-inf"))
+        if self.bias is not None:
+            ls.add_(self.bias)
         lo = torch.matmul(qg, ko.transpose(-1, -2))                  # [P, Hkv, G q, t]
         future = (torch.arange(t, device=query.device)[None, :]
                   > torch.arange(t - q, t, device=query.device)[:, None])  # [q, t]
         lo.view(p, hkv, g, q, t).masked_fill_(future, float("-inf"))
-        # one softmax over [shared slots | own tokens] (softmax's exp is faster than torch.exp on CPU)
-        probs = torch.softmax(torch.cat([ls, lo.transpose(0, 1)], -1), -1)  # [Hkv, P, G q, S + t]
-        out = torch.matmul(probs[..., :s], vs[:, None]).transpose(0, 1)      # [P, Hkv, G q, d]
-        out = out + torch.matmul(probs[..., s:].transpose(0, 1), vo)
+        # softmax over [shared slots | own tokens] as two softmaxes weighted by their log-sum-exps (no
+        # concatenated copy of the logits); the shared one's is max + log(sum) = max - log(max prob)
+        ps = torch.softmax(ls, -1)                                      # [Hkv, P, G q, S]
+        lse_s = (ls.amax(-1) - ps.amax(-1).log()).transpose(0, 1)       # [P, Hkv, G q]
+        w_s = torch.sigmoid(lse_s - torch.logsumexp(lo, -1))[..., None]  # share of the softmax mass
+        # rows (P, G q) of the shared part form one strided matrix per KV head: no copy
+        out = torch.bmm(ps.view(hkv, p * g * q, s), vs).view(hkv, p, g * q, -1).transpose(0, 1)
+        out = torch.lerp(torch.matmul(torch.softmax(lo, -1), vo), out, w_s)  # [P, Hkv, G q, d]
         return out.reshape(p, hkv, g, q, -1).permute(0, 3, 1, 2, 4).reshape(p, q, hq, -1)
 
 
