@@ -124,10 +124,11 @@ def _best_of(fn, repeats: int = 5) -> float:
     return best
 
 
-def machine_rates(rows: int, width: int, inner: int, tile_rows: int, tile_keys: int) -> dict:
+def machine_rates(rows: int, width: int, inner: int, tile_rows: int, tile_keys: int, sort_shape) -> dict:
     """What this CPU reaches now: fp32 GEMM GFLOP/s at the answer forward's shape (``rows x width @ width x
-    inner``) and at the BAM tile's (``tile_rows x 32 @ 32 x tile_keys``), softmax elements/s on that tile, and
-    memcpy GB/s (64 MiB, read + write)."""
+    inner``) and at the BAM tile's (``tile_rows x 32 @ 32 x tile_keys``), softmax elements/s on that tile, a
+    stable descending argsort's elements/s at the selection's ``sort_shape`` (a chunk's scores of one layer),
+    and memcpy GB/s (64 MiB, read + write)."""
     import torch
 
     a, w = torch.randn(rows, width), torch.randn(width, inner)
@@ -140,11 +141,15 @@ def machine_rates(rows: int, width: int, inner: int, tile_rows: int, tile_keys: 
     t_av = _best_of(lambda: tile @ k)
     t_sm = _best_of(lambda: torch.softmax(tile, -1))
     t_cp = _best_of(lambda: dst.copy_(src))
+    scores = torch.randn(*sort_shape)
+    t_sort = _best_of(lambda: torch.argsort(-scores, dim=-1, stable=True))
     return {"linear_gflops": 2 * rows * width * inner / t_lin / 1e9,
             "bam_tile_gflops": 2 * 2 * tile_rows * tile_keys * 32 / (t_qk + t_av) / 1e9,
             "softmax_gelems": tile.numel() / t_sm / 1e9,
             "memcpy_gbs": 2 * src.numel() * 4 / t_cp / 1e9,
-            "shapes": {"linear": [rows, width, inner], "bam_tile": [tile_rows, 32, tile_keys]}}
+            "argsort_gelems": scores.numel() / t_sort / 1e9,
+            "shapes": {"linear": [rows, width, inner], "bam_tile": [tile_rows, 32, tile_keys],
+                       "argsort": list(sort_shape)}}
 
 
 def stage_work(model, namm_cfg, prompts: list[dict], population: int, block: int = 16) -> dict:
@@ -160,7 +165,8 @@ def stage_work(model, namm_cfg, prompts: list[dict], population: int, block: int
     f, fc = namm_cfg.feature_dim, namm_cfg.features
     fp = -(-f // 32) * 32
     bins = fc.n_fft // 2 + 1
-    w = {k: {"flops": 0.0, "exps": 0.0, "bytes": 0.0} for k in STAGES}
+    w = {k: {"flops": 0.0, "exps": 0.0, "sorts": 0.0, "bytes": 0.0} for k in STAGES}
+    weights = 4 * (L * lin + D * V)                           # fp32 bytes of the weights a forward reads
     for p in prompts:
         S, n, m = p["S"], p["n"], p["m"]
         w["prefill"]["flops"] += 2 * L * lin * S + L * 2 * hq * d * S * S + 2 * D * V
@@ -170,6 +176,7 @@ def stage_work(model, namm_cfg, prompts: list[dict], population: int, block: int
         w["features"]["exps"] += L * hq * S * S
         w["features"]["bytes"] += L * hkv * S * S * 4 * 3     # rows written, read by the STFT, reduced
         w["reference"]["flops"] += 2 * L * lin * n + L * 4 * hq * d * n * (S + n) + 2 * D * V * m
+        w["reference"]["bytes"] += weights                    # one forward of a few tokens: weight-read bound
         if namm_cfg.scorer.kind == "bam":
             pairs = S * (S + block) / 2                       # backward-masked (query, key) pairs computed
             per_layer = hkv * (2 * 2 * fp * pairs + 2 * (f + 1) * fp * S + 2 * fp * (1 + f) * S)
@@ -178,37 +185,40 @@ def stage_work(model, namm_cfg, prompts: list[dict], population: int, block: int
         else:
             width = namm_cfg.scorer.mlp_width or f
             w["scoring"]["flops"] += population * L * hkv * S * 2 * (f * width * (namm_cfg.scorer.mlp_depth - 1) + width)
-        # scores, a stable argsort (int64) and its scatter into ranks, masks: ~5 passes of 4-8 bytes per slot
-        w["selection"]["bytes"] += population * L * hkv * S * 40
+        w["selection"]["sorts"] += population * L * hkv * S     # one stable argsort of every slot's score
         w["answer_forward"]["flops"] += population * (2 * L * lin * n + L * 4 * hq * d * n * (S + n) + 2 * D * V * m)
         w["answer_forward"]["exps"] += population * L * hq * n * (S + n)
-        w["measure"]["bytes"] += population * m * V * (4 + 8 + 8 + 8)  # fp32 logits -> fp64 softmax, min, sum
+        w["measure"]["exps"] += population * m * V            # a float64 softmax over the vocabulary
     return w
 
 
 def profile_table(timings: dict, work: dict, rates: dict) -> list[dict]:
-    """One row per stage: seconds, work, floor seconds (FLOPs at the matching GEMM rate plus softmax elements at
-    the measured softmax rate, or bytes at memcpy speed) and measured / floor."""
+    """One row per stage: seconds, work, floor seconds and measured / floor. Floor: FLOPs at the matching GEMM
+    rate plus softmax elements at the softmax rate plus sorted elements at the argsort rate, or the stage's bytes
+    at memcpy speed where that is longer."""
     out = []
     for stage in STAGES:
         t = float(timings.get(stage, 0.0))
         wk = work[stage]
         gemm = rates["bam_tile_gflops"] if stage == "scoring" else rates["linear_gflops"]
-        floor = wk["flops"] / (gemm * 1e9) + wk["exps"] / (rates["softmax_gelems"] * 1e9) \
-            + wk["bytes"] / (rates["memcpy_gbs"] * 1e9)
+        floor = max(wk["flops"] / (gemm * 1e9) + wk["exps"] / (rates["softmax_gelems"] * 1e9)
+                    + wk["sorts"] / (rates["argsort_gelems"] * 1e9), wk["bytes"] / (rates["memcpy_gbs"] * 1e9))
         out.append({"stage": stage, "seconds": t, "gflop": wk["flops"] / 1e9, "gexp": wk["exps"] / 1e9,
-                    "gbytes": wk["bytes"] / 1e9, "floor_s": floor, "x_floor": t / floor if floor else None,
+                    "gsort": wk["sorts"] / 1e9, "gbytes": wk["bytes"] / 1e9, "floor_s": floor, "x_floor": t / floor if floor else None,
                     "per_candidate": stage in ("scoring", "selection", "answer_forward", "measure")})
     return out
 
 
 EXPLAIN = {
-    "prefill": "once per prompt; chunked prefill of 128-token chunks through the namm cache (small GEMMs)",
-    "features": "once per prompt; the S x S attention rows per layer are written, softmaxed and read by the "
-                "STFT (memory traffic and Python per head)",
-    "reference": "once per prompt; a handful of tokens through 540 MB of fp32 weights: weight-read bound",
-    "selection": "a stable argsort per head and candidate: sort-bound, not copy-bound",
-    "measure": "a float64 softmax over the vocabulary per scored position and candidate",
+    "prefill": "once per prompt: chunked prefill (128-token chunks) with the NAMM's query buffering",
+    "features": "once per prompt: the S x S attention rows of every layer are written, softmaxed, averaged over "
+                "each GQA group and read by the STFT, head by head (memory traffic, not FLOPs)",
+    "reference": "once per prompt: one unbatched forward of a few tokens (the weights read once at memcpy speed "
+                 "is the floor counted; per-layer ops dominate at this size)",
+    "selection": "beside the one argsort counted: masked scores, the rank scatter, the threshold and the ragged "
+                 "max, ~10 passes over a layer's [chunk, Hkv, S] scores",
+    "measure": "a float64 softmax over the vocabulary (the floor counts the fp32 rate) per candidate, in a loop",
+    "mlp:scoring": "25 parameters: a few small ops per layer and chunk, per-call overhead only",
 }
 
 
@@ -280,7 +290,8 @@ def bench_agreement(model_spec: str, out: str, prompts: int, population: int, re
     mean_s = int(np.mean([p["S"] for p in shapes]))
     c = model.config
     rates = machine_rates(pop_chunk * max(p["n"] for p in shapes), c.hidden_size, c.intermediate_size,
-                          16 * pop_chunk, mean_s // 2)
+                          16 * pop_chunk, mean_s // 2, (pop_chunk, getattr(c, "num_key_value_heads", None)
+                                                         or c.num_attention_heads, mean_s))
     tables = {}
     for name, cfg in cfgs.items():
         timings = {**prep, **results[name]["batched"]["stages_s"]}
@@ -302,7 +313,8 @@ def print_agreement(r: dict) -> None:
     rates = r["rates"]
     print(f"machine: fp32 GEMM {rates['linear_gflops']:.1f} GFLOP/s at {rates['shapes']['linear']}, "
           f"{rates['bam_tile_gflops']:.1f} GFLOP/s at the BAM tile {rates['shapes']['bam_tile']}, softmax "
-          f"{rates['softmax_gelems']:.2f} G elements/s, memcpy {rates['memcpy_gbs']:.1f} GB/s; "
+          f"{rates['softmax_gelems']:.2f} G elements/s, stable argsort {rates['argsort_gelems'] * 1e3:.0f} M "
+          f"elements/s at {rates['shapes']['argsort']}, memcpy {rates['memcpy_gbs']:.1f} GB/s; "
           f"{r['torch_threads']} torch thread(s)")
     print(f"{r['prompts']} prompts of {[p['S'] for p in r['prompt_shapes']]} tokens, answer tails "
           f"{[p['n'] for p in r['prompt_shapes']]}; population {r['population']} (reference: first "
@@ -313,13 +325,14 @@ def print_agreement(r: dict) -> None:
               f"max |fitness difference| {res['max_fitness_diff']:.2e}")
     for name, rows in r["profile"].items():
         print(f"\nprofile ({name} scorer, batched run; per-candidate stages over all {r['population']} candidates)")
-        print(f"{'stage':<15}{'seconds':>9}{'GFLOP':>9}{'G exp':>8}{'GB':>7}{'floor s':>9}{'x floor':>9}")
+        print(f"{'stage':<15}{'seconds':>9}{'GFLOP':>9}{'G exp':>8}{'M sort':>8}{'GB':>7}{'floor s':>9}"
+              f"{'x floor':>9}")
         for row in rows:
             x = "" if row["x_floor"] is None else f"{row['x_floor']:.1f}"
+            why = r["explanations"].get(f"{name}:{row['stage']}", r["explanations"].get(row["stage"], ""))
             print(f"{row['stage']:<15}{row['seconds']:>9.2f}{row['gflop']:>9.1f}{row['gexp']:>8.2f}"
-                  f"{row['gbytes']:>7.2f}{row['floor_s']:>9.2f}{x:>9}"
-                  + (f"  {r['explanations'][row['stage']]}" if row["x_floor"] and row["x_floor"] > 3
-                     and row["stage"] in r["explanations"] else ""))
+                  f"{row['gsort'] * 1e3:>8.1f}{row['gbytes']:>7.2f}{row['floor_s']:>9.2f}{x:>9}"
+                  + (f"  {why}" if row["x_floor"] and row["x_floor"] > 3 else ""))
 
 
 def main(argv=None) -> dict:
