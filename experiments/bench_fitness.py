@@ -217,7 +217,7 @@ EXPLAIN = {
                  "is the floor counted; per-layer ops dominate at this size)",
     "selection": "beside the one argsort counted: masked scores, the rank scatter, the threshold and the ragged "
                  "max, ~10 passes over a layer's [chunk, Hkv, S] scores",
-    "measure": "a float64 softmax over the vocabulary (the floor counts the fp32 rate) per candidate, in a loop",
+    "measure": "a float64 softmax over the vocabulary (the floor counts the fp32 softmax rate)",
     "mlp:scoring": "25 parameters: a few small ops per layer and chunk, per-call overhead only",
 }
 
