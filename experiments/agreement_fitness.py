@@ -77,19 +77,6 @@ class _Shared:
                                 # its features per layer as ``features``)
 
 
-def acceptance_batch(p_full, logits):
-    """``acceptance`` of each of ``P`` candidates at once: logits ``[P, m, V]`` -> (acceptance ``[P]``, token
-    match ``[P]``) as float64 NumPy arrays, the same sums in the same order as ``acceptance``."""
-    import torch
-
-    if p_full.shape[0] == 0:
-        return np.ones(logits.shape[0]), np.ones(logits.shape[0])
-    q = torch.softmax(logits.double(), -1)
-    acc = torch.minimum(p_full, q).sum(-1).mean(-1)
-    match = (q.argmax(-1) == p_full.argmax(-1)).double().mean(-1)
-    return acc.cpu().numpy(), match.cpu().numpy()
-
-
 def acceptance(p_full, logits) -> tuple[float, float]:
     """``(mean_t sum_v min(p_full, softmax(logits)), fraction of argmax(logits) == argmax(p_full))``."""
     import torch
@@ -368,7 +355,8 @@ class AgreementFitness:
             logits = self.model(input_ids=shared.tail.expand(len(flats), n), position_ids=positions,
                                 past_key_values=cache, use_cache=True, logits_to_keep=n - start).logits
             t1 = time.perf_counter()
-            out[:, 0], out[:, 1] = acceptance_batch(shared.p_full, logits)
+            for k in range(len(flats)):  # one candidate at a time: [m, V] float64 stays in cache
+                out[k, :2] = acceptance(shared.p_full, logits[k])
             self.timings["answer_forward"] += t1 - t0
             self.timings["measure"] += time.perf_counter() - t1
         return out

@@ -51,7 +51,7 @@ def evolution_config(cfg):
 
 RUNTIME_FITNESS_KEYS = {"task": {"compress_question", "max_new_tokens"},
                         "agreement": {"policy_budget", "compress_question", "max_answer_tokens", "cache_prompts",
-                                      "refresh_every", "refresh_window"}}
+                                      "refresh_every", "refresh_window", "batched", "pop_chunk"}}
 
 
 def _check_keys(fit_name: str, fit_cfg: dict, allowed: set[str]) -> None:

@@ -159,13 +159,3 @@ def test_refresh_falls_back_and_bad_keys_are_refused(tiny_llama, rows):
         with pytest.raises(AgreementFitnessError, match=key):
             _fitness(tiny_llama, rows, cfg, **{key: bad})
 
-
-def test_acceptance_batch_equals_acceptance():
-    from experiments.agreement_fitness import acceptance, acceptance_batch
-
-    gen = torch.Generator().manual_seed(0)
-    p = torch.softmax(torch.randn(4, 11, generator=gen, dtype=torch.float64), -1)
-    logits = torch.randn(3, 4, 11, generator=gen)
-    acc, match = acceptance_batch(p, logits)
-    for k in range(3):
-        assert (acc[k], match[k]) == pytest.approx(acceptance(p, logits[k]), abs=1e-15)
