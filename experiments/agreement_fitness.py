@@ -28,6 +28,15 @@ carried), and the next R answer tokens are fed through it. The full cache, and e
 features, are again the same for every candidate and computed once per prompt; per candidate, one
 eviction and one forward of R tokens per refresh. The runtime refreshes once at least R tokens were
 committed since the last refresh, at the end of a verification round; here every R tokens exactly.
+
+Population-batched (``batched``, the default without a refresh): the candidates of a generation are
+evaluated together, ``pop_chunk`` at a time (``namm.torch.population``): one batched scoring network over
+the shared features (parameters stacked along a population axis), the runtime's selection per candidate as
+a keep mask over the shared prefilled keys and values (nothing gathered or copied), and one forward of the
+answer for all of them through a ``PopulationCache`` (the registered attention masks each candidate's
+evicted slots per KV head and appends the candidate's own answer keys and values). The same measure as the
+unbatched path (the reference, ``batched=False``), equal within fp32 rounding (tested). A refresh is served
+by the unbatched path only: ``batched=None`` falls back to it, ``batched=True`` refuses.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import json
 import logging
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +94,8 @@ class AgreementFitness:
                  max_context: int | None, budget, compress_question: bool = True, max_answer_tokens: int | None = None,
                  cache_prompts: bool = True, answers_path: str | Path | None = None,
                  templates: Mapping[str, str] | None = None, progress: bool = False,
-                 refresh_every: int | None = None, refresh_window: int = 16):
+                 refresh_every: int | None = None, refresh_window: int = 16, batched: bool | None = None,
+                 pop_chunk: int = 16):
         from experiments.extract import eos_ids
         from experiments.tasks import build_prompts
         from namm.torch.selection import budget_tokens
@@ -108,6 +119,21 @@ class AgreementFitness:
             raise AgreementFitnessError(f"fitness.refresh_window={refresh_window!r}; use an int >= 1 (the full "
                                         "cache's last queries a refresh reads)")
         self.refresh_every, self.refresh_window = refresh_every, refresh_window
+        if batched is not None and not isinstance(batched, bool):
+            raise AgreementFitnessError(f"fitness.batched={batched!r}; use null (batched unless refresh_every is "
+                                        "set), true or false")
+        if batched and refresh_every is not None:
+            raise AgreementFitnessError(f"fitness.batched=true cannot serve fitness.refresh_every={refresh_every} "
+                                        "(refreshes run on the unbatched path); set batched: null or false")
+        if isinstance(pop_chunk, bool) or not isinstance(pop_chunk, int) or pop_chunk < 1:
+            raise AgreementFitnessError(f"fitness.pop_chunk={pop_chunk!r}; use an int >= 1 (candidates run "
+                                        "together in one batched forward)")
+        self.batched = refresh_every is None if batched is None else batched
+        if batched is None and refresh_every is not None:
+            log.info("fitness.refresh_every=%d: candidates are evaluated one at a time (the population-batched "
+                     "path serves no refresh)", refresh_every)
+        self.pop_chunk = pop_chunk
+        self.timings: dict[str, float] = defaultdict(float)   # seconds per stage, accumulated (bench_fitness)
         self.model, self.tokenizer, self.rows = model, tokenizer, list(rows)
         self.namm_cfg, self.budget = namm_cfg, budget
         self.norm = None if norm is None else tuple(np.asarray(x, np.float32) for x in norm)
@@ -211,16 +237,22 @@ class AgreementFitness:
         tap = self._tap()
         cache = tap.make_cache(self.model)
         with torch.no_grad():
+            t0 = time.perf_counter()
             prefill(self.model, cache, torch.tensor([compressed], dtype=torch.long, device=device))
             # the full cache the tail runs through; with a refresh it buffers the queries the refreshes read
             full = cache.fork(self.model, RecentQueries(self.refresh_window + tail.shape[1]) if points
                               else FullPolicy())
+            t1 = time.perf_counter()
             cache.end_prefill()
+            self.timings["prefill"] += t1 - t0
+            self.timings["features"] += time.perf_counter() - t1
         if len(tap.recorded) != len(cache.layers):
             raise AgreementFitnessError(f"the prompt has {len(compressed)} tokens; the features need at least "
                                         f"{self.namm_cfg.features.hop}")
         features = [tap.recorded[k] for k in range(len(cache.layers))]
+        t0 = time.perf_counter()
         p_full = torch.softmax(self._tail_logits(full, tail, scored).double(), -1)
+        self.timings["reference"] += time.perf_counter() - t0
         refreshes = []
         for j in points:
             rtap = self._tap()
@@ -278,6 +310,57 @@ class AgreementFitness:
                   [(shared.cache, shared.features)] + [(snap, feats) for _, snap, feats in shared.refreshes])
         return self._measure(shared, caches)
 
+    def population_keeps(self, flats: np.ndarray, shared: _Shared) -> list:
+        """Per layer, the keep masks ``[P, Hkv, S]`` of ``P`` candidates on a prepared prompt (batched scorer and
+        selection over the shared features)."""
+        import torch
+
+        from namm.torch.population import population_scores, select_population, stack_params
+
+        params = {k: v.to(shared.tail.device) for k, v in stack_params(flats, self.namm_cfg).items()}
+        keeps = []
+        with torch.no_grad():
+            for feats, positions, valid, seen in shared.features:
+                t0 = time.perf_counter()
+                scores = population_scores(params, self.namm_cfg, feats, valid)
+                t1 = time.perf_counter()
+                keeps.append(select_population(scores, positions, valid, seen, self.namm_cfg.selection,
+                                               self.budget))
+                self.timings["scoring"] += t1 - t0
+                self.timings["selection"] += time.perf_counter() - t1
+        return keeps
+
+    def _population(self, flats: np.ndarray, shared: _Shared) -> np.ndarray:
+        """``[P, 3]`` (acceptance, token match, kept fraction) of ``P`` candidates at once (module docstring)."""
+        import torch
+
+        from namm.torch.population import PopulationCache
+
+        device = shared.tail.device
+        keeps = self.population_keeps(flats, shared)
+        stored = [keep.sum(-1).amax(-1) for keep in keeps]   # the slots the candidate's own cache would store
+        keeps = [None if bool(keep.all()) else keep for keep in keeps]
+        with torch.no_grad():
+            kept = (torch.stack(stored).double().mean(0) / shared.cache.seen_tokens).cpu().numpy()
+            t0 = time.perf_counter()
+            n, start = shared.tail.shape[1], shared.scored.start
+            out = np.zeros((len(flats), 3))
+            out[:, 2] = kept
+            if n - start == 0:
+                out[:, :2] = 1.0
+                return out
+            cache = PopulationCache(self.model, shared.cache, keeps)
+            seen = shared.cache.seen_tokens
+            positions = torch.arange(seen, seen + n, device=device)[None].expand(len(flats), n)
+            logits = self.model(input_ids=shared.tail.expand(len(flats), n), position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=n - start).logits
+            t1 = time.perf_counter()
+            for k in range(len(flats)):  # one candidate at a time: [m, V] float64 stays in cache
+                out[k, :2] = acceptance(shared.p_full, logits[k])
+            self.timings["answer_forward"] += t1 - t0
+            self.timings["measure"] += time.perf_counter() - t1
+        return out
+
     def _policy_run(self, policy, i: int) -> tuple[float, float, float]:
         """Any runtime policy (a baseline), run as the runtime runs it: its own prefill and end-of-prefill update,
         and each refresh ``NAMMCache.reselect`` on the full cache forked with it."""
@@ -313,13 +396,20 @@ class AgreementFitness:
         items = [int(i) for i in np.asarray(items)]
         bar = tqdm(total=len(items) * (1 + len(population)), disable=not self.progress, desc="agreement fitness",
                    leave=False, file=sys.stderr)
-        policies = [self.policy_for(flat) for flat in population]
+        policies = None if self.batched else [self.policy_for(flat) for flat in population]
         res = np.zeros((len(population), len(items), 3))
         for j, i in enumerate(items):
             shared = self._prepare(i)
             bar.update(1)
+            if self.batched:
+                for a in range(0, len(population), self.pop_chunk):
+                    res[a:a + self.pop_chunk, j] = self._population(population[a:a + self.pop_chunk], shared)
+                    bar.update(len(population[a:a + self.pop_chunk]))
+                continue
             for k, policy in enumerate(policies):
+                t0 = time.perf_counter()
                 res[k, j] = self._candidate(policy, shared)
+                self.timings["candidates_unbatched"] += time.perf_counter() - t0
                 bar.update(1)
         bar.close()
         self.last_details = {"acceptance": res[:, :, 0].mean(1), "token_match": res[:, :, 1].mean(1),

@@ -51,7 +51,7 @@ def evolution_config(cfg):
 
 RUNTIME_FITNESS_KEYS = {"task": {"compress_question", "max_new_tokens"},
                         "agreement": {"policy_budget", "compress_question", "max_answer_tokens", "cache_prompts",
-                                      "refresh_every", "refresh_window"}}
+                                      "refresh_every", "refresh_window", "batched", "pop_chunk"}}
 
 
 def _check_keys(fit_name: str, fit_cfg: dict, allowed: set[str]) -> None:
@@ -167,6 +167,7 @@ def train(cfg) -> dict:
                           max_answer_tokens=fit_cfg.get("max_answer_tokens"),
                           cache_prompts=bool(fit_cfg.get("cache_prompts", True)),
                           refresh_every=fit_cfg.get("refresh_every"), refresh_window=fit_cfg.get("refresh_window", 16),
+                          batched=fit_cfg.get("batched"), pop_chunk=fit_cfg.get("pop_chunk", 16),
                           answers_path=out_dir / "full_cache_answers.json", progress=bool(cfg.get("progress", True)))
         common.update(chat=chat, max_context=max_context)
         train_fit = Fitness(model, tokenizer, [rows[i] for i in train_idx], namm_cfg, norm, **common)

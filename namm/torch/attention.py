@@ -4,7 +4,9 @@ Registered with ``AttentionInterface`` and ``AttentionMaskInterface`` under :dat
 layer of a :class:`namm.torch.cache.NAMMCache` the causal mask is built from that layer's physical
 length (layers may hold different numbers of tokens), the post-RoPE queries are handed to the layer
 when its policy needs attention rows, and the layer may evict right after its attention output is
-computed. Any other cache (or none) gets exactly transformers' ``sdpa`` behaviour.
+computed. A layer of a :class:`namm.torch.population.PopulationCache` computes its own attention
+(``attend``: shared keys, one keep mask per candidate). Any other cache (or none) gets exactly
+transformers' ``sdpa`` behaviour.
 """
 
 from __future__ import annotations
@@ -95,9 +97,11 @@ def namm_attention_forward(
     layer = take_pending(getattr(module, "layer_idx", -1))
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    q_len, kv_len = query.shape[2], key.shape[2]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if hasattr(layer, "attend"):  # a population layer (namm.torch.population): shared keys, per-candidate masks
+        return layer.attend(query, scaling), None
+    q_len, kv_len = query.shape[2], key.shape[2]
     mask = layer.attention_mask(q_len, kv_len, num_q_heads=query.shape[1])
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     layer.after_attention(query, scaling)

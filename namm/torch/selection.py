@@ -39,8 +39,10 @@ def masked_scores(scores: torch.Tensor, valid: torch.Tensor, newest: torch.Tenso
     return torch.where(newest & valid, torch.full_like(s, float("inf")), s)
 
 
-def select(scores, valid, newest, cfg: SelectionConfig = SelectionConfig()) -> torch.Tensor:
-    """Keep mask ``[..., H, N]`` from scores, validity and the newest-token mask (all ``[..., H, N]``)."""
+def select(scores, valid, newest, cfg: SelectionConfig = SelectionConfig(), batch_dims: int = 0) -> torch.Tensor:
+    """Keep mask ``[..., H, N]`` from scores, validity and the newest-token mask (all ``[..., H, N]``, the last
+    two broadcast against ``scores``). ``batch_dims``: leading axes of ``scores`` that index independent
+    selections (a population of candidates); ``ragged_max``'s K is the largest count over the other axes."""
     s = masked_scores(scores, valid, newest)
     cand = valid & (s >= cfg.threshold)  # keep at s >= 0
     rank = rank_desc(s) if (cfg.top_k is not None or cfg.mode == "ragged_max") else None
@@ -48,8 +50,11 @@ def select(scores, valid, newest, cfg: SelectionConfig = SelectionConfig()) -> t
         cand = cand & (rank < int(cfg.top_k))  # hard cap before the threshold
     if cfg.mode == "masked":
         return cand
-    k = int(cand.sum(-1).max())  # ragged max over the layer's heads
-    return valid & (rank < k)
+    if batch_dims == 0:
+        k = int(cand.sum(-1).max())  # ragged max over the layer's heads
+        return valid & (rank < k)
+    counts = cand.sum(-1).flatten(batch_dims).amax(-1)  # per selection
+    return valid & (rank < counts.reshape(*counts.shape, *([1] * (cand.ndim - batch_dims))))
 
 
 def kept_indices(keep: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
