@@ -26,7 +26,7 @@ from safetensors.numpy import load, save
 
 from namm.config import NAMMConfig
 from namm.scoring import num_params, param_layout
-from namm.shards import atomic_write_bytes, atomic_write_json, kill_point
+from namm.shards import atomic_write_bytes, atomic_write_json, kill_point, read_json_object
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -137,14 +137,10 @@ def load_pretrained(path) -> tuple[np.ndarray, NAMMConfig, tuple[np.ndarray, np.
     """Read a policy directory back on the JAX side: (params_flat, cfg, (mean, var), config dict)."""
     path = Path(path)
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not cfg_path.is_file():
-        raise ExportError(f"{path}: no {CONFIG_NAME}; pass a directory written by namm.export.save_pretrained")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{cfg_path} is not valid JSON ({e}); re-export the policy") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
+    meta = read_json_object(cfg_path, ExportError, f"{path}: no {CONFIG_NAME}; pass a directory written by "
+                            "namm.export.save_pretrained", "re-export the policy")
+    if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
         raise ExportError(f"{cfg_path}: unknown format_version {version!r} (this version reads "
                           f"[{FORMAT_VERSION}]); upgrade namm-spec or re-export the policy")
     missing = [k for k in ("namm", "norm_stats", "shared_across_layers_heads") if k not in meta]

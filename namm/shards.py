@@ -111,6 +111,21 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def read_json_object(path: Path, error: type[Exception], missing: str, fix: str) -> dict:
+    """A JSON object from ``path``, or ``error`` with one line: ``missing`` when the file is absent, else what is
+    wrong with it followed by ``fix`` (e.g. "re-export the policy")."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path} must hold a JSON object; {fix}")
+    return obj
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

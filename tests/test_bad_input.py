@@ -147,7 +147,7 @@ def test_truncated_draft_weights(tmp_path, tiny_llama):
     ("garbled", r"config.json is not valid JSON \(.*\); re-export the policy",
      r"config.json is not valid JSON \(.*\); re-export the policy"),
     ("not_an_object", r"config.json must hold a JSON object; re-export the policy",
-     r"config.json: unknown format_version None"),
+     r"config.json must hold a JSON object; re-export the policy"),
 ])
 def test_bad_policy_config_json(tmp_path, case, runtime, jax_side):
     from namm.export import ExportError, load_pretrained

@@ -17,7 +17,6 @@ cap) -> keep indices; the cache gathers keys, values and this policy's state (EM
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from namm.config import ConfigError, NAMMConfig
+from namm.shards import read_json_object
 from namm.torch import features as F
 from namm.torch import scoring, selection
 from namm.torch.cache import CacheConfigError, PolicyUpdate, TorchPolicy, model_signature
@@ -185,14 +185,8 @@ class NAMMPolicy(TorchPolicy):
         except FileNotFoundError as e:
             raise PolicyFormatError(str(e)) from None
         cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-        if not cfg_path.is_file():
-            raise PolicyFormatError(f"{path}: no {CONFIG_NAME}; export a policy with namm.export.save_pretrained")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PolicyFormatError(f"{cfg_path} is not valid JSON ({e}); re-export the policy") from None
-        if not isinstance(meta, dict):
-            raise PolicyFormatError(f"{cfg_path} must hold a JSON object; re-export the policy")
+        meta = read_json_object(cfg_path, PolicyFormatError, f"{path}: no {CONFIG_NAME}; export a policy with "
+                                "namm.export.save_pretrained", "re-export the policy")
         if "format_version" not in meta:
             raise PolicyFormatError(f"{cfg_path}: missing key 'format_version'; re-export the policy")
         if meta["format_version"] not in SUPPORTED_FORMATS:

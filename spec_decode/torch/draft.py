@@ -9,12 +9,13 @@ elsewhere: proposal probability 0 outside the kept set, as trained.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, DynamicCache, LlamaForCausalLM
+
+from namm.shards import read_json_object
 
 FORMAT_KEY = "namm_spec_draft"   # written by spec_decode.export (JAX side); the format is the bridge
 SUPPORTED_FORMATS = (1,)
@@ -64,14 +65,8 @@ class DraftHandle:
                         dtype=torch.float32) -> "DraftHandle":
         path = Path(path)
         cfg_path = path / "config.json"
-        if not cfg_path.exists():
-            raise CorruptDraftError(f"{path} has no config.json; point to a directory written by spec_decode.export")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptDraftError(f"{cfg_path} is not valid JSON ({e}); re-export the draft") from None
-        if not isinstance(config, dict):
-            raise CorruptDraftError(f"{cfg_path} must hold a JSON object (a Llama config); re-export the draft")
+        config = read_json_object(cfg_path, CorruptDraftError, f"{path} has no config.json; point to a directory "
+                                  "written by spec_decode.export", "re-export the draft (a Llama config)")
         meta = config.get(FORMAT_KEY)
         if meta is not None and (not isinstance(meta, dict) or meta.get("format_version") not in SUPPORTED_FORMATS):
             version = meta.get("format_version") if isinstance(meta, dict) else None
