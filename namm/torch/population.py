@@ -24,6 +24,7 @@ scores to the answer's logits:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -34,6 +35,8 @@ from namm.torch import scoring, selection
 
 def stack_params(flats, cfg: NAMMConfig) -> dict[str, torch.Tensor]:
     """Flat parameter vectors ``[P, D]`` -> ``{name: [P, *shape]}`` (float32)."""
+    if not isinstance(flats, torch.Tensor):        # a writable copy: JAX hands over read-only arrays
+        flats = np.array(flats, dtype=np.float32)
     flats = torch.as_tensor(flats, dtype=torch.float32)
     if flats.ndim != 2:
         raise ValueError(f"stack_params: expected a population [P, D], got shape {tuple(flats.shape)}")
