@@ -305,18 +305,18 @@ def headline(results: Sequence[Mapping]) -> tuple[str, float, str]:
     return f"{labels[-1]}_mean_score", means[labels[-1]], "the full-cache mean score (run it with compare=[full])"
 
 
-def check_policies(runs: Sequence[Mapping], model=None) -> None:
+def check_policies(runs: Sequence[Mapping]) -> list:
     """Build every policy run once before the model loads, so that a missing or unknown policy path, a bad
-    knob or a schedule that never evicts fails in seconds rather than after the model and tasks load; with
-    ``model``, also that each policy can serve it (per-layer NAMM parameters for its layer and head counts)."""
+    knob or a schedule that never evicts fails in seconds rather than after the model and tasks load; returns
+    the built policies (``run`` checks them against the model once it is loaded: per-layer NAMM parameters
+    must fit its layer and head counts)."""
     from namm.torch.cache import check_schedule
     from namm.torch.policies import build_policy
 
-    for run in runs:
-        policy = build_policy(policy_knobs(run))
+    policies = [build_policy(policy_knobs(run)) for run in runs]
+    for policy in policies:
         check_schedule(policy)
-        if model is not None:
-            policy.check_model(model)
+    return policies
 
 
 def run(cfg: DictConfig) -> dict:
@@ -328,11 +328,12 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(str(cfg.output_dir))
     t0 = time.time()
     runs = policy_runs(cfg.policy, list(cfg.get("compare") or []), _plain(cfg.get("budgets")))
-    check_policies(runs)
+    policies = check_policies(runs)
     templates = load_templates(cfg.get("templates"))
     torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_model_from_cfg(cfg.model, device=str(cfg.device), cache=cfg.get("cache_dir"))
-    check_policies(runs, model)
+    for policy in policies:
+        policy.check_model(model)
     rows = load_task(cfg.task, tokenizer, split=str(cfg.get("split", "test")), cache_dir=cfg.get("cache_dir"))
     rows = _limit(rows, cfg.get("max_prompts"))
     if not rows:

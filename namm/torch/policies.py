@@ -23,15 +23,16 @@ class PolicyConfigError(ValueError):
 def check_budget(budget, where: str = "budget") -> int | float:
     """``budget`` if it is an int >= 1 (tokens) or a float in (0, 1] (fraction of the tokens seen), else a
     ``PolicyConfigError`` naming ``where`` and the valid range."""
-    ok = (not isinstance(budget, bool)
-          and ((isinstance(budget, int) and budget >= 1) or (isinstance(budget, float) and 0.0 < budget <= 1.0)))
-    if not ok:
+    from namm.torch.baselines import check_budget as valid_budget   # the runtime's one budget rule
+
+    try:
+        return valid_budget(budget)
+    except ValueError:
         if isinstance(budget, float) and budget > 1.0 and budget.is_integer():
             hint = f"; for {int(budget)} tokens write {int(budget)}"
         else:
             hint = ""
-        raise PolicyConfigError(f"{where}: {budget!r} is not a valid budget; use {BUDGET_RANGE}{hint}")
-    return budget
+        raise PolicyConfigError(f"{where}: {budget!r} is not a valid budget; use {BUDGET_RANGE}{hint}") from None
 
 
 def _to_dict(policy_cfg: Mapping) -> dict[str, Any]:
