@@ -37,12 +37,22 @@ answer for all of them through a ``PopulationCache`` (the registered attention m
 evicted slots per KV head and appends the candidate's own answer keys and values). The same measure as the
 unbatched path (the reference, ``batched=False``), equal within fp32 rounding (tested). A refresh is served
 by the unbatched path only: ``batched=None`` falls back to it, ``batched=True`` refuses.
+
+Prompt store (``store_dir``): the shared state of every prompt is written once, atomically, to
+``<store_dir>/<key>.safetensors`` (the prefilled keys, values and positions, the features, the tail and the
+full-cache distributions; about 55 MB per 1K tokens in float32) and read back from there on every later visit,
+by this run, a resumed one or another stage: a prompt is prefilled once per model, NAMM feature setting and
+normalisation, not once per process. The key hashes all of these (the model's weights included), so a stale
+file is never read. The first visit also uses the stored copy, so a resumed run computes the same numbers as
+an uninterrupted one. Without a refresh only (a refresh's full cache stays in memory).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections import defaultdict
@@ -95,7 +105,7 @@ class AgreementFitness:
                  cache_prompts: bool = True, answers_path: str | Path | None = None,
                  templates: Mapping[str, str] | None = None, progress: bool = False,
                  refresh_every: int | None = None, refresh_window: int = 16, batched: bool | None = None,
-                 pop_chunk: int = 16):
+                 pop_chunk: int = 16, store_dir: str | Path | None = None):
         from experiments.extract import eos_ids
         from experiments.tasks import build_prompts
         from namm.torch.selection import budget_tokens
@@ -133,6 +143,11 @@ class AgreementFitness:
             log.info("fitness.refresh_every=%d: candidates are evaluated one at a time (the population-batched "
                      "path serves no refresh)", refresh_every)
         self.pop_chunk = pop_chunk
+        if store_dir is not None and refresh_every is not None:
+            raise AgreementFitnessError(f"fitness.store_dir serves no refresh (fitness.refresh_every="
+                                        f"{refresh_every}); set store_dir: null")
+        self.store_dir = None if store_dir is None else Path(store_dir)
+        self._weights_hash: str | None = None
         self.timings: dict[str, float] = defaultdict(float)   # seconds per stage, accumulated (bench_fitness)
         self.model, self.tokenizer, self.rows = model, tokenizer, list(rows)
         self.namm_cfg, self.budget = namm_cfg, budget
@@ -182,7 +197,9 @@ class AgreementFitness:
             _, out = generate_answer(self.model, self.tokenizer, self.prompts[i], spec, n, eos_token_ids=self.eos,
                                      compress_question=self.compress_question)
             self._answers[key] = list(out.token_ids)
-            if self.answers_path:
+            if self.answers_path:   # merged with what another process (prepare_store) wrote meanwhile
+                on_disk = json.loads(self.answers_path.read_text()) if self.answers_path.exists() else {}
+                self._answers = {**on_disk, **self._answers}
                 atomic_write_json(self.answers_path, self._answers)
         return list(self._answers[key])
 
@@ -234,6 +251,14 @@ class AgreementFitness:
         tail = torch.tensor([after + answer[:-1]], dtype=torch.long, device=device)
         scored = slice(len(after) - 1 if after else 0, tail.shape[1])
         points = self._refresh_points(len(after), tail.shape[1])
+        path = None
+        if self.store_dir is not None:
+            path = self.store_dir / f"{self._store_key(compressed, tail, scored)}.safetensors"
+            if path.exists():
+                shared = self._load_shared(path, device)
+                if self.cache_prompts:
+                    self._shared[i] = shared
+                return shared
         tap = self._tap()
         cache = tap.make_cache(self.model)
         with torch.no_grad():
@@ -262,9 +287,110 @@ class AgreementFitness:
                          full=full if points else None, refreshes=tuple(refreshes))
         for layer in cache.layers:  # the buffered queries are not needed any more
             layer.queries = []
+        if path is not None:    # every visit, the first included, runs on the stored copy (bit-identical runs)
+            self._save_shared(path, shared)
+            shared = self._load_shared(path, device)
         if self.cache_prompts:
             self._shared[i] = shared
         return shared
+
+    def prepare(self, items: Sequence[int], desc: str = "prompt store") -> int:
+        """Compute and store the shared state of ``items`` not yet in the store (``store_dir`` needed); returns how
+        many were computed. Another process can fill the store while training reads it."""
+        from tqdm import tqdm
+
+        if self.store_dir is None:
+            raise AgreementFitnessError("preparing the prompt store needs fitness.store_dir (a folder)")
+        before = self.timings["prefill"]
+        done = 0
+        for i in tqdm(list(items), desc=desc, disable=not self.progress, file=sys.stderr):
+            self._prepare(int(i))
+            self._shared.pop(int(i), None)
+            done += self.timings["prefill"] > before
+            before = self.timings["prefill"]
+        return done
+
+    # --- the prompt store (module docstring) ------------------------------------------------------
+    _STORE_FORMAT = "namm-agreement-prompt/1"
+    _LAYER_SCALARS = ("seen", "last_update_seen", "scaling", "frozen", "prefill_closed", "last_q_len", "num_updates")
+
+    def _store_key(self, compressed, tail, scored) -> str:
+        """Hash of everything the shared state of a prompt depends on."""
+        import torch
+
+        from experiments.models import model_signature
+
+        if self._weights_hash is None:
+            h = hashlib.sha256()
+            for name, p in sorted(self.model.state_dict().items()):
+                h.update(name.encode())
+                h.update(str(p.dtype).encode())
+                h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+            self._weights_hash = h.hexdigest()
+        norm = None if self.norm is None else [hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+                                               for x in self.norm]
+        key = {"format": self._STORE_FORMAT, "model": model_signature(self.model), "weights": self._weights_hash,
+               "compressed": list(map(int, compressed)), "tail": tail[0].tolist(), "scored": [scored.start, scored.stop],
+               "features": self.namm_cfg.to_dict()["features"], "norm": norm}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+    def _save_shared(self, path: Path, shared: _Shared) -> None:
+        """Write ``shared`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
+        from safetensors.torch import save_file
+
+        tensors = {"tail": shared.tail, "p_full": shared.p_full}
+        layers = []
+        for k, layer in enumerate(shared.cache.layers):
+            tensors.update({f"L{k}.keys": layer.keys, f"L{k}.values": layer.values, f"L{k}.positions": layer.positions})
+            if layer.valid is not None:
+                tensors[f"L{k}.valid"] = layer.valid
+            feats, positions, valid, seen = shared.features[k]
+            tensors.update({f"F{k}.feats": feats, f"F{k}.positions": positions})
+            if valid is not None:
+                tensors[f"F{k}.valid"] = valid
+            layers.append({**{a: getattr(layer, a) for a in self._LAYER_SCALARS}, "features_seen": int(seen)})
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        meta = {"format": self._STORE_FORMAT, "meta": json.dumps(
+            {"layers": layers, "scored": [shared.scored.start, shared.scored.stop]})}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    def _load_shared(self, path: Path, device) -> _Shared:
+        """The shared state stored at ``path``; a damaged file is one clear error with its fix."""
+        from safetensors import safe_open
+
+        from namm.torch.cache import FullPolicy
+
+        fix = f"delete {path} (it is recomputed on the next visit)"
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != self._STORE_FORMAT:
+                    raise AgreementFitnessError(f"{path} is not a stored agreement prompt "
+                                                f"(format {meta.get('format')!r}, expected {self._STORE_FORMAT!r}); {fix}")
+                info = json.loads(meta["meta"])
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except AgreementFitnessError:
+            raise
+        except Exception as e:  # truncated or corrupt: safetensors' own error, named
+            raise AgreementFitnessError(f"stored agreement prompt {path} cannot be read ({e}); {fix}") from None
+        cache = FullPolicy().make_cache(self.model)
+        if len(info["layers"]) != len(cache.layers):
+            raise AgreementFitnessError(f"{path} holds {len(info['layers'])} layers, the model has "
+                                        f"{len(cache.layers)}; {fix}")
+        features = []
+        for k, (layer, li) in enumerate(zip(cache.layers, info["layers"])):
+            layer.keys, layer.values, layer.positions = t[f"L{k}.keys"], t[f"L{k}.values"], t[f"L{k}.positions"]
+            layer.valid = t.get(f"L{k}.valid")
+            layer.is_initialized, layer.dtype, layer.device = True, layer.keys.dtype, layer.keys.device
+            for a in self._LAYER_SCALARS:
+                setattr(layer, a, li[a])
+            features.append((t[f"F{k}.feats"], t[f"F{k}.positions"], t.get(f"F{k}.valid"), li["features_seen"]))
+        cache.explicit_prefill = True
+        return _Shared(cache=cache, features=features, tail=t["tail"], scored=slice(*info["scored"]),
+                       p_full=t["p_full"])
 
     def _tail_logits(self, cache, tail, scored):
         """Logits ``[m, V]`` at the scored tail positions, the tail fed through ``cache`` in one forward."""

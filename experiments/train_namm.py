@@ -51,7 +51,7 @@ def evolution_config(cfg):
 
 RUNTIME_FITNESS_KEYS = {"task": {"compress_question", "max_new_tokens"},
                         "agreement": {"policy_budget", "compress_question", "max_answer_tokens", "cache_prompts",
-                                      "refresh_every", "refresh_window", "batched", "pop_chunk"}}
+                                      "refresh_every", "refresh_window", "batched", "pop_chunk", "store_dir"}}
 
 
 def _check_keys(fit_name: str, fit_cfg: dict, allowed: set[str]) -> None:
@@ -112,6 +112,7 @@ def train(cfg) -> dict:
     if init_from and not Path(str(init_from)).exists() and not (ckpt_dir / "latest.npz").exists():
         raise FitnessError(f"run.init_from={init_from} does not exist; run the previous stage first "
                            f"(python -m experiments.train_namm run=<previous stage>)")
+    init_mean, init_norm = _init_policy(cfg.run.get("init_policy"), namm_cfg, init_from)
     torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_model_from_cfg(cfg.model, device=str(cfg.device), cache=cfg.get("cache_dir"))
     sig = model_signature(model)
@@ -124,6 +125,8 @@ def train(cfg) -> dict:
     inherited = Path(str(init_from)).parent / "norm_stats.json" if init_from else None
     if not norm_path.exists() and inherited is not None and inherited.exists():
         _save_norm(norm_path, _load_norm(inherited))       # frozen from the first stage (reference 2.4)
+    if not norm_path.exists() and init_norm is not None:
+        _save_norm(norm_path, init_norm)                    # the exported policy's frozen normalisation
     norm = _load_norm(norm_path) if norm_path.exists() else None
 
     if fit_name == "stats":
@@ -168,11 +171,15 @@ def train(cfg) -> dict:
                           cache_prompts=bool(fit_cfg.get("cache_prompts", True)),
                           refresh_every=fit_cfg.get("refresh_every"), refresh_window=fit_cfg.get("refresh_window", 16),
                           batched=fit_cfg.get("batched"), pop_chunk=fit_cfg.get("pop_chunk", 16),
+                          store_dir=fit_cfg.get("store_dir"),
                           answers_path=out_dir / "full_cache_answers.json", progress=bool(cfg.get("progress", True)))
         common.update(chat=chat, max_context=max_context)
         train_fit = Fitness(model, tokenizer, [rows[i] for i in train_idx], namm_cfg, norm, **common)
         eval_fit = Fitness(model, tokenizer, [rows[i] for i in held_idx], namm_cfg, norm,
                            **common) if len(held_idx) else None
+
+    if cfg.get("prepare_store"):
+        return _prepare_store(train_fit, eval_fit, es_cfg, fit_name)
 
     logging_cfg = cfg.get("logging") or {}
     tracker = Tracker(out_dir, config=_plain(cfg), mode=str(logging_cfg.get("wandb_mode", "offline")),
@@ -192,7 +199,8 @@ def train(cfg) -> dict:
                    "items": [f"{rows[i]['dataset']}/{rows[i]['_id']}" for i in train_idx]}
     try:
         result = evolve(train_fit, num_params(namm_cfg), es_cfg, ckpt_dir, eval_fitness=eval_fit,
-                        init_from=str(init_from) if init_from else None, fingerprint=fingerprint,
+                        init_from=str(init_from) if init_from else None, init_mean=init_mean,
+                        fingerprint=fingerprint,
                         callback=on_generation, progress=bool(cfg.get("progress", True)))
     finally:
         tracker.close()
@@ -258,6 +266,56 @@ def _heldout_references(eval_fit, budget, solution_mean, cfg, runtime: bool = Fa
     lines += [f"{k:<20} " + " ".join(f"{v[c]:>13.4f}" for c in cols) for k, v in out.items()]
     log.info("held-out prompts, same fitness:\n%s", "\n".join(lines))
     return out
+
+
+def _prepare_store(train_fit, eval_fit, es_cfg, fit_name: str) -> dict:
+    """``prepare_store=true``: fill the agreement fitness' prompt store and exit, the training prompts in the
+    reverse of the order the stage's first epoch visits them (so a training run started meanwhile and this
+    process meet half-way), then the held-out ones."""
+    from namm.evolve import Cursor, next_items
+    from namm.fitness import FitnessError
+
+    if fit_name != "agreement" or train_fit.store_dir is None:
+        raise FitnessError("prepare_store=true fills the prompt store of fitness=agreement; set "
+                           "fitness.store_dir (e.g. ${runs_root}/agreement_prompts)")
+    batches, cursor = [], Cursor()
+    while sum(map(len, batches)) < train_fit.num_items:
+        items, cursor = next_items(es_cfg.seed, train_fit.num_items, es_cfg.items_per_generation, cursor)
+        if cursor.epoch > 0 and cursor.pos != 0:
+            break
+        batches.append(list(items))
+    order = [i for b in reversed(batches) for i in b]
+    order += [i for i in range(train_fit.num_items) if i not in set(order)]
+    out = {"train_computed": train_fit.prepare(order, "prompt store (train)"),
+           "heldout_computed": eval_fit.prepare(range(eval_fit.num_items), "prompt store (held-out)")
+           if eval_fit is not None else 0, "store_dir": str(train_fit.store_dir)}
+    print(f"prompt_store_prepared: {out['train_computed'] + out['heldout_computed']} prompts "
+          f"(target: every prompt of the stage stored)")
+    return out
+
+
+def _init_policy(path, namm_cfg, init_from):
+    """``run.init_policy``: an exported policy (a directory or a bundled name) whose parameters are the stage's
+    initial CMA-ES mean and whose feature normalisation the stage inherits -> (mean, norm), or (None, None)."""
+    from namm.export import load_pretrained
+    from namm.fitness import FitnessError
+    from namm.pretrained import resolve
+
+    if not path:
+        return None, None
+    if init_from:
+        raise FitnessError("run.init_policy and run.init_from both set; a stage starts from one of them "
+                           "(init_from: a previous stage's ES state, init_policy: an exported policy's parameters)")
+    try:
+        flat, pcfg, norm, _ = load_pretrained(resolve(str(path)))
+    except FileNotFoundError as e:
+        raise FitnessError(f"run.init_policy={path}: {e}") from None
+    if pcfg.to_dict() | {"selection": None} != namm_cfg.to_dict() | {"selection": None}:
+        diff = sorted(k for k in ("features", "scorer") if pcfg.to_dict()[k] != namm_cfg.to_dict()[k])
+        raise FitnessError(f"run.init_policy={path} has another NAMM {' and '.join(diff)} configuration than this "
+                           "stage; start from a policy with the same namm.features and namm.scorer, or unset "
+                           "run.init_policy")
+    return np.asarray(flat, np.float32), tuple(np.asarray(x, np.float32) for x in norm)
 
 
 def _logged_generations(metrics_path: Path, stage: str) -> set[int]:

@@ -112,3 +112,35 @@ def test_acceptance_measure():
     acc, match = acceptance(p, logits)
     # float32 logits of 0.25 / 0.75 (|log| < 1.4: rounded by < eps), a float64 softmax: p moves by < 2 eps
     assert acc == pytest.approx((0.75 + 1.0) / 2, rel=0, abs=2 * EPS32) and match == 0.5
+
+
+def test_prompt_store_gives_bit_identical_fitness_and_prefills_once(tiny_llama, rows, tmp_path, one_torch_thread):
+    """``store_dir``: each prompt's shared state is written once and read back by this and any later fitness; the
+    numbers equal the in-memory path's exactly (the same tensors), and a damaged file is one error with its fix."""
+    from experiments.agreement_fitness import AgreementFitnessError
+
+    cfg = _fitness(tiny_llama, rows)[1]
+    pop = np.random.default_rng(3).normal(0, 0.1, (5, num_params(cfg))).astype(np.float32)
+    ref = _fitness(tiny_llama, rows, pop_chunk=2)[0].evaluate(pop, [0, 1])
+    store = tmp_path / "store"
+    first, _ = _fitness(tiny_llama, rows, pop_chunk=2, store_dir=store, cache_prompts=False)
+    assert first.prepare([0]) == 1 and first.prepare([0]) == 0          # computed once, then read back
+    np.testing.assert_array_equal(first.evaluate(pop, [0, 1]), ref)
+    files = sorted(store.glob("*.safetensors"))
+    assert len(files) == 2 and not list(store.glob(".*tmp*"))           # one per prompt, no temporary left
+    later, _ = _fitness(tiny_llama, rows, pop_chunk=2, store_dir=store)
+    np.testing.assert_array_equal(later.evaluate(pop, [0, 1]), ref)
+    assert later.timings["prefill"] == 0.0 and later.timings["features"] == 0.0   # nothing prefilled again
+    # the runtime baselines read the stored tail and full-cache distributions
+    from namm.torch.policies import build_policy
+
+    h2o = build_policy({"name": "h2o", "budget": 0.5, "update_interval": 0, "final_update": True})
+    assert later.evaluate_policy(h2o, [0, 1])["fitness"] == _fitness(tiny_llama, rows)[0].evaluate_policy(
+        h2o, [0, 1])["fitness"]
+    files[0].write_bytes(files[0].read_bytes()[:1000])                   # a truncated file
+    with pytest.raises(AgreementFitnessError, match=r"cannot be read .*; delete .* \(it is recomputed"):
+        _fitness(tiny_llama, rows, store_dir=store)[0].evaluate(pop[:1], [0, 1])
+    with pytest.raises(AgreementFitnessError, match="store_dir serves no refresh"):
+        _fitness(tiny_llama, rows, store_dir=store, refresh_every=2)
+    with pytest.raises(AgreementFitnessError, match="needs fitness.store_dir"):
+        _fitness(tiny_llama, rows)[0].prepare([0])

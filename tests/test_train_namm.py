@@ -149,3 +149,29 @@ def test_main_job_end_to_end_on_the_tiny_model(tmp_path):
     assert (tmp_path / "evaluation" / "results.md").exists() and (tmp_path / "evaluation" / "score_vs_kv.png").exists()
     again = run(cfg)                                                 # every step resumes: nothing is redone
     assert again["stages"][1]["generation"] == best + 1 and again["kv_fraction"] == s["kv_fraction"]
+
+
+def test_long_agreement_stage_starts_from_a_policy_and_fills_its_prompt_store(stage1):
+    """``run=builtin_agree_long``: the CMA-ES mean starts at an exported policy's parameters and the stage inherits
+    its normalisation; ``prepare_store=true`` fills the prompt store (train, then held-out) that training reads."""
+    from namm.export import load_pretrained
+
+    tmp_path, _ = stage1
+    policy = tmp_path / "builtin_i1" / "namm_policy"
+    common = ["evolution.generations=1", "fitness.max_answer_tokens=3", f"run.init_policy={policy}",
+              "heldout_fraction=0.25", "reference_baselines=[]"]
+    prep = train(_cfg(tmp_path, "builtin_agree_long", "prepare_store=true", *common))
+    assert (prep["train_computed"], prep["heldout_computed"]) == (3, 1)
+    assert train(_cfg(tmp_path, "builtin_agree_long", "prepare_store=true", *common))["train_computed"] == 0
+    s = train(_cfg(tmp_path, "builtin_agree_long", *common))
+    assert s["fitness"] == "agreement" and s["generation"] == 1 and s["train_prompts"] == 3
+    assert len(list((tmp_path / "agreement_prompts").glob("*.safetensors"))) == 4   # nothing stored twice
+    _, _, (mean, var), _ = load_pretrained(policy)
+    norm = json.loads((tmp_path / "builtin_agree_long" / "evolution" / "norm_stats.json").read_text())
+    np.testing.assert_array_equal(np.asarray(norm["mean"], np.float32), mean)
+    with pytest.raises(FitnessError, match="has another NAMM scorer configuration"):
+        train(_cfg(tmp_path, "builtin_agree_long", *common, "namm.scorer.kind=mlp", "output_dir=" + str(tmp_path / "x")))
+    with pytest.raises(FitnessError, match="init_policy and run.init_from both set"):
+        train(_cfg(tmp_path, "builtin_agree_long", *common, "run.init_from=" + str(policy), "output_dir=" + str(tmp_path / "y")))
+    with pytest.raises(FitnessError, match="prepare_store=true fills the prompt store"):
+        train(_cfg(tmp_path, "builtin_agree_long", "prepare_store=true", "fitness.store_dir=null", *common))
