@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.extract_teacher import teacher_topk
-from experiments.tracking import Tracker
+from experiments.lib.tracking import Tracker
 from namm.shards import ShardStore, atomic_write_json
 from spec_decode.data import Windows, frequent_vocab, inverse_map, make_windows, sequences_from_shard
 from spec_decode.distill import DistillConfig, train
@@ -92,7 +92,7 @@ def onpolicy_round(dcfg, params, vocab_map, target, prompts: list[list[int]], cf
 
 
 def run(cfg: DictConfig) -> dict:
-    from experiments.models import load_model
+    from experiments.lib.models import load_model
 
     out = Path(cfg.output_dir)
     target, tokenizer = load_model(cfg.target)
@@ -152,7 +152,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _model_dir(model) -> str | None:
-    from experiments.assets import smollm2_dir
+    from experiments.lib.assets import smollm2_dir
 
     name = getattr(model.config, "name_or_path", "")
     if Path(str(name)).is_dir():

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import reporting
+from experiments.lib import reporting
 from namm.shards import atomic_write_json
 from experiments.tasks import (TaskError, build_prompts, get_spec, load_task, load_templates, score_prediction)
 
@@ -323,7 +323,7 @@ def run(cfg: DictConfig) -> dict:
     """Load model and tasks from the config, evaluate, write every output file; returns the summary."""
     import torch
 
-    from experiments.models import load_model_from_cfg
+    from experiments.lib.models import load_model_from_cfg
 
     out_dir = Path(str(cfg.output_dir))
     t0 = time.time()
@@ -364,7 +364,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _track(cfg, results, summary, out_dir: Path) -> None:
-    from experiments.tracking import Tracker
+    from experiments.lib.tracking import Tracker
 
     logging_cfg = cfg.get("logging") or {}
     tracker = Tracker(out_dir, config=_plain(cfg), mode=str(logging_cfg.get("wandb_mode", "offline")),
@@ -379,7 +379,7 @@ def _track(cfg, results, summary, out_dir: Path) -> None:
 
 def run_or_exit(cfg: DictConfig) -> float:
     """``run``, with bad input reported as one line and exit status 1 instead of a traceback."""
-    from experiments.cli import exit_on_bad_input
+    from experiments.lib.cli import exit_on_bad_input
 
     return exit_on_bad_input("evaluate", run, cfg, (TaskError, EvaluateError))["headline"]["value"]
 
@@ -401,7 +401,7 @@ def check_group_choices(argv: Sequence[str], groups: Sequence[str] = ("model", "
 
 
 if __name__ == "__main__":
-    from experiments.cli import check_overrides
+    from experiments.lib.cli import check_overrides
 
     check_group_choices(sys.argv[1:])
     check_overrides("evaluate", "evaluate")

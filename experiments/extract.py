@@ -148,7 +148,7 @@ def extract(model, tokenizer, rows: Sequence[Mapping], stats_dir: str | Path, *,
     """Write one kv_stats shard per row (skipping finished ones); returns ``namm.stats.summary``."""
     from tqdm import tqdm
 
-    from experiments.models import model_signature
+    from experiments.lib.models import model_signature
     from experiments.tasks import build_prompts, get_spec, score_prediction
 
     if not rows:
@@ -198,7 +198,7 @@ def _plain(x: Any) -> Any:
 
 
 def run(cfg) -> dict:
-    from experiments.models import load_model_from_cfg
+    from experiments.lib.models import load_model_from_cfg
     from experiments.tasks import load_task
     from namm.shards import atomic_write_json
 

@@ -110,7 +110,7 @@ def extract(model, tokenizer, cfg, out_dir: str | Path) -> ShardStore:
 
 @hydra.main(config_path="../configs", config_name="extract_teacher", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from experiments.models import load_model
+    from experiments.lib.models import load_model
 
     torch.manual_seed(cfg.seed)
     if cfg.get("threads"):

@@ -43,9 +43,9 @@ def stage_config(cfg: DictConfig, stage: DictConfig, init_from: str | None) -> D
 
 
 def run(cfg: DictConfig) -> dict:
-    from experiments import reporting
+    from experiments.lib import reporting
     from experiments.evaluate import evaluate, load_policy_cfg
-    from experiments.models import load_model_from_cfg
+    from experiments.lib.models import load_model_from_cfg
     from experiments.tasks import load_task
     from experiments.train_namm import train
     from namm.shards import atomic_write_json
@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _main():
-    from experiments.cli import hydra_entry
+    from experiments.lib.cli import hydra_entry
 
     hydra_entry("main", run)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from experiments import assets
+from experiments.lib import assets
 
 ASSETS = ("smollm2", "essays", "humaneval")
 
@@ -31,7 +31,7 @@ def prepare(names, cache=None, check_load: bool = True) -> list[dict]:
             path = assets.smollm2_dir(cache)
             row = {"asset": name, "path": str(path), "bytes": _size(path)}
             if check_load:
-                from experiments.models import load_model, model_signature
+                from experiments.lib.models import load_model, model_signature
 
                 t1 = time.perf_counter()
                 model, _ = load_model("smollm2", cache=cache)

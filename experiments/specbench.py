@@ -201,7 +201,7 @@ def check_drafts(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    from experiments.models import load_model
+    from experiments.lib.models import load_model
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -414,7 +414,7 @@ def plot(results: dict, path: Path) -> None:
 
 @hydra.main(config_path="../configs", config_name="specbench", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from experiments.cli import exit_on_bad_input
+    from experiments.lib.cli import exit_on_bad_input
 
     report = exit_on_bad_input("specbench", run, cfg, (SpecbenchError,))
     res = report["results"]

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from experiments.reporting import FULL, row_label
+from experiments.lib.reporting import FULL, row_label
 from experiments.tasks.registry import REGISTRY
 from namm.shards import atomic_write_bytes
 

@@ -86,9 +86,9 @@ def train(cfg) -> dict:
     import torch
 
     from experiments.extract import extract
-    from experiments.models import load_model_from_cfg, model_signature
+    from experiments.lib.models import load_model_from_cfg, model_signature
     from experiments.tasks import load_task
-    from experiments.tracking import Tracker
+    from experiments.lib.tracking import Tracker
     from namm import stats as kvstats
     from namm.evolve import evolve, maybe_initialize_distributed, solution
     from namm.fitness import FitnessError, StatsFitness, StatsFitnessConfig, load_stats_data
@@ -156,14 +156,14 @@ def train(cfg) -> dict:
                 model, [torch.tensor([p.ids]) for p in ps], namm_cfg, progress=bool(cfg.get("progress", True))))
             _save_norm(norm_path, norm)
         if fit_name == "task":
-            from experiments.task_fitness import TaskFitness as Fitness
+            from experiments.fitness.task import TaskFitness as Fitness
 
             common = dict(compress_question=bool(fit_cfg.get("compress_question", True)),
                           reference=_stats_references(str(cfg.stats_dir), rows),
                           reference_path=out_dir / "full_cache_scores.json",
                           max_new_tokens=fit_cfg.get("max_new_tokens"))
         else:
-            from experiments.agreement_fitness import AgreementFitness as Fitness
+            from experiments.fitness.agreement import AgreementFitness as Fitness
 
             common = dict(budget=fit_cfg.get("policy_budget"),
                           compress_question=bool(fit_cfg.get("compress_question", True)),
@@ -320,7 +320,7 @@ def _init_policy(path, namm_cfg, init_from):
 
 def _logged_generations(metrics_path: Path, stage: str) -> set[int]:
     """Generations of ``stage`` already in the metrics file (a resumed run does not log them twice)."""
-    from experiments.tracking import read_metrics
+    from experiments.lib.tracking import read_metrics
 
     if not Path(metrics_path).exists():
         return set()
@@ -350,7 +350,7 @@ def _stats_references(stats_dir: str, rows) -> dict[str, float]:
 
 
 def _main():
-    from experiments.cli import hydra_entry
+    from experiments.lib.cli import hydra_entry
 
     hydra_entry("train_namm", train)
 

@@ -169,7 +169,7 @@ def maybe_initialize_distributed(enabled: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Fitness protocol (implemented in namm.fitness and experiments.task_fitness).
+# Fitness protocol (implemented in namm.fitness and experiments.fitness.task).
 
 
 class FitnessFn(Protocol):

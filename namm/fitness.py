@@ -26,8 +26,8 @@ parity). ``items`` index the backend's prompts; all candidates of a generation s
   queries' full outputs) is computed once per (prompt, layer) and shared by the whole population;
   candidates are mapped inside one jit, sharded over ``jax.devices()`` with ``shard_map``.
 
-- ``task`` (``experiments.task_fitness``, PyTorch): the paper's fitness through the runtime.
-- ``agreement`` (``experiments.agreement_fitness``, PyTorch): acceptance of the full-cache greedy answer
+- ``task`` (``experiments.fitness.task``, PyTorch): the paper's fitness through the runtime.
+- ``agreement`` (``experiments.fitness.agreement``, PyTorch): acceptance of the full-cache greedy answer
   through the cache one eviction at the end of the prefill leaves (prefill and features shared).
 """
 

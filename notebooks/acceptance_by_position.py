@@ -42,7 +42,7 @@ import torch
 from omegaconf import OmegaConf
 
 import experiments
-from experiments.models import load_model_from_cfg
+from experiments.lib.models import load_model_from_cfg
 from experiments.tasks import build_prompt, generate
 from spec_decode.torch import (DraftHandle, DraftProposer, PromptLookupProposer, Sampling, SpecStats,
                                autoregressive_generate, speculative_generate)

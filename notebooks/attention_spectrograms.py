@@ -46,7 +46,7 @@ from omegaconf import OmegaConf
 
 import experiments
 from experiments.evaluate import load_policy_cfg
-from experiments.models import load_model_from_cfg
+from experiments.lib.models import load_model_from_cfg
 from experiments.tasks import build_prompt, generate
 from namm.torch import features as F
 from namm.torch.generate import prefill

@@ -4,7 +4,7 @@
 # CMA-ES evolves the NAMM's parameters: each generation samples a population around the mean,
 # scores every candidate with the fitness (the `stats` proxy, or the task score through the runtime)
 # and moves the mean and step size sigma. `python -m experiments.train_namm` logs one row per
-# generation to `<run>/metrics.jsonl` (`experiments.tracking.Tracker`): `fitness/best`, `/mean`,
+# generation to `<run>/metrics.jsonl` (`experiments.lib.tracking.Tracker`): `fitness/best`, `/mean`,
 # `/worst` over the population, `es/sigma`, the held-out fitness of the mean (`eval/mean_fitness`,
 # every `eval_every` generations) and the fitness details (`fitness/<detail>_mean`, e.g. the kept
 # cache `fitness/kept_fraction_mean`). Incremental stages continue the generation count, so the files
@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 import experiments
-from experiments.tracking import read_metrics
+from experiments.lib.tracking import read_metrics
 
 ROOT = Path(experiments.__file__).resolve().parents[1]
 MODEL = os.environ.get("NB_MODEL", "smollm2")

@@ -30,7 +30,7 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 
 import experiments
-from experiments import reporting
+from experiments.lib import reporting
 
 ROOT = Path(experiments.__file__).resolve().parents[1]
 MODEL = os.environ.get("NB_MODEL", "smollm2")
@@ -78,7 +78,7 @@ fig.savefig(OUT / "score_vs_kv_summary.png", dpi=110)
 # %% [markdown]
 # ## Per task
 #
-# `experiments.reporting.plot_score_vs_kv`: the plot `python -m experiments.evaluate` writes.
+# `experiments.lib.reporting.plot_score_vs_kv`: the plot `python -m experiments.evaluate` writes.
 
 # %%
 per_task = reporting.plot_score_vs_kv(results, OUT / "score_vs_kv.png")

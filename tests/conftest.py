@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    """``(model, tokenizer)``: ``experiments.models.tiny_random("llama", seed=0)``, shared by the session."""
-    from experiments.models import tiny_random
+    """``(model, tokenizer)``: ``experiments.lib.models.tiny_random("llama", seed=0)``, shared by the session."""
+    from experiments.lib.models import tiny_random
 
     return tiny_random("llama", seed=0)
 

@@ -36,7 +36,7 @@ def rows(tiny_llama):
 
 
 def _fitness(tiny_llama, rows, mode="ragged_max", budget=0.5, **kw):
-    from experiments.agreement_fitness import AgreementFitness
+    from experiments.fitness.agreement import AgreementFitness
 
     model, tok = tiny_llama
     cfg = NAMMConfig(features=FeatureConfig(update_interval=64, chunk_size=64),
@@ -79,7 +79,7 @@ def test_candidates_equal_the_runtime_policy(tiny_llama, rows, mode, refresh, on
 
 
 def test_refreshed_keep_all_reproduces_the_full_cache_and_bad_refresh_keys_are_refused(tiny_llama, rows):
-    from experiments.agreement_fitness import AgreementFitnessError
+    from experiments.fitness.agreement import AgreementFitnessError
 
     fit, cfg = _fitness(tiny_llama, rows, budget=1.0, refresh_every=1)
     np.testing.assert_allclose(fit.evaluate(np.zeros((1, num_params(cfg)), np.float32), [0, 1]), 1.0, rtol=0,
@@ -91,7 +91,7 @@ def test_refreshed_keep_all_reproduces_the_full_cache_and_bad_refresh_keys_are_r
 
 
 def test_answers_are_cached_and_bad_budgets_refused(tiny_llama, rows, tmp_path):
-    from experiments.agreement_fitness import AgreementFitness, AgreementFitnessError
+    from experiments.fitness.agreement import AgreementFitness, AgreementFitnessError
 
     path = tmp_path / "answers.json"
     fit, _ = _fitness(tiny_llama, rows, answers_path=path)
@@ -105,7 +105,7 @@ def test_answers_are_cached_and_bad_budgets_refused(tiny_llama, rows, tmp_path):
 
 
 def test_acceptance_measure():
-    from experiments.agreement_fitness import acceptance
+    from experiments.fitness.agreement import acceptance
 
     p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
     logits = torch.log(torch.tensor([[0.25, 0.75, 1e-30], [1.0, 1e-30, 1e-30]]))
@@ -117,7 +117,7 @@ def test_acceptance_measure():
 def test_prompt_store_gives_bit_identical_fitness_and_prefills_once(tiny_llama, rows, tmp_path, one_torch_thread):
     """``store_dir``: each prompt's shared state is written once and read back by this and any later fitness; the
     numbers equal the in-memory path's exactly (the same tensors), and a damaged file is one error with its fix."""
-    from experiments.agreement_fitness import AgreementFitnessError
+    from experiments.fitness.agreement import AgreementFitnessError
 
     cfg = _fitness(tiny_llama, rows)[1]
     pop = np.random.default_rng(3).normal(0, 0.1, (5, num_params(cfg))).astype(np.float32)

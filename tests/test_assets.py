@@ -1,4 +1,4 @@
-"""experiments.assets and experiments.prepare: cache location, checksums, clear errors without network."""
+"""experiments.lib.assets and experiments.prepare: cache location, checksums, clear errors without network."""
 
 import json
 import os
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import assets
-from experiments.assets import AssetError, cache_dir
+from experiments.lib import assets
+from experiments.lib.assets import AssetError, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

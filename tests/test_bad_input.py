@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.models import ModelSpecError, load_model_from_cfg, model_signature, tiny_random
+from experiments.lib.models import ModelSpecError, load_model_from_cfg, model_signature, tiny_random
 from experiments.tasks import TaskError, build_prompts, load_task
 from namm.config import FeatureConfig, NAMMConfig
 from namm.torch import build_policy, greedy_generate
@@ -260,7 +260,7 @@ def test_policy_builder_refuses_unknown_keys(cfg, expected):
     (["policy=namm", "+policy.thresold=0.5", "budgets=[1,2]"], None),          # composes: the builder refuses it
 ])
 def test_command_line_override_typos(argv, expected):
-    from experiments.cli import check_overrides, override_problem
+    from experiments.lib.cli import check_overrides, override_problem
 
     assert override_problem("evaluate", argv) == expected
     if expected:

@@ -37,7 +37,7 @@ def _cfg(mode="ragged_max", threshold=-1e30, scorer=None):
 
 
 def _fitness(tiny_llama, rows, cfg, budget=0.5, **kw):
-    from experiments.agreement_fitness import AgreementFitness
+    from experiments.fitness.agreement import AgreementFitness
 
     model, tok = tiny_llama
     fit = AgreementFitness(model, tok, rows, cfg, None, chat=False, max_context=4096, budget=budget,
@@ -149,7 +149,7 @@ def test_population_scores_match_the_runtime_scorer(one_torch_thread):
 
 
 def test_refresh_falls_back_and_bad_keys_are_refused(tiny_llama, rows):
-    from experiments.agreement_fitness import AgreementFitnessError
+    from experiments.fitness.agreement import AgreementFitnessError
 
     cfg = _cfg()
     assert not _fitness(tiny_llama, rows, cfg, refresh_every=2).batched    # refreshes run unbatched

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from experiments import reporting
+from experiments.lib import reporting
 
 
 def _preds(scores_by_label: dict[str, list[float]], task="passkey", length=1024):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.models import tiny_random
+from experiments.lib.models import tiny_random
 from spec_decode.data import frequent_vocab, inverse_map, make_windows, sample_batch
 from spec_decode.distill import DIVERGENCES, DistillConfig, acceptance, buckets, divergence, train
 from spec_decode.draft import DraftConfig, forward, params_from_hf

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.models import tiny_random
+from experiments.lib.models import tiny_random
 from spec_decode.draft import (DraftConfig, forward, hidden_states, init_cache, init_params, params_from_hf, params_to_hf,
                                sample)
 

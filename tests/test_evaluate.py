@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments import reporting
 from experiments.evaluate import policy_runs, run, run_or_exit
-from experiments.models import byte_tokenizer
+from experiments.lib import reporting
+from experiments.lib.models import byte_tokenizer
 from experiments.tasks import TaskError, generate, write_jsonl
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -117,7 +117,7 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("a bad policy must fail before the model loads")
 
-    monkeypatch.setattr("experiments.models.load_model_from_cfg", no_model)
+    monkeypatch.setattr("experiments.lib.models.load_model_from_cfg", no_model)
     with pytest.raises(SystemExit, match=r"^evaluate: policy 'smollm2-nope': no such directory, and no bundled"):
         run_or_exit(_cfg(tmp_path, *passkey, "policy=namm", "policy.path=smollm2-nope"))
     with pytest.raises(SystemExit, match=r"^evaluate: policy 'h2o' would never evict"):
@@ -148,7 +148,7 @@ def test_unknown_config_names_are_one_line():
 
 def test_pipeline_errors_are_one_line(capsys):
     """``python -m experiments.main`` / ``train_namm``: a stage's error is one line on stderr, exit status 2."""
-    from experiments.cli import run_reporting_errors
+    from experiments.lib.cli import run_reporting_errors
     from namm.shards import ShardError
 
     def stage(cfg):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.models import tiny_random
+from experiments.lib.models import tiny_random
 from namm.config import FeatureConfig, NAMMConfig, SelectionConfig
 from namm.export import ExportError, load_pretrained, save_pretrained
 from namm.scoring import num_params
@@ -160,7 +160,7 @@ def test_framework_separation():
 
     root = Path(__file__).parents[1]
     framework_free = {"namm.config": "namm/config.py", "namm.shards": "namm/shards.py",
-                      "namm.pretrained": "namm/pretrained/__init__.py", "experiments.cli": "experiments/cli.py"}
+                      "namm.pretrained": "namm/pretrained/__init__.py", "experiments.lib.cli": "experiments/lib/cli.py"}
     for module in framework_free.values():
         assert not _imports(root / module) & {"jax", "flax", "torch"}, module
     for path in sorted((root / "namm" / "torch").glob("*.py")):

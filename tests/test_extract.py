@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experiments.extract import ExtractError, extract, record_qkv, resolve_layers
-from experiments.models import tiny_random
+from experiments.lib.models import tiny_random
 from experiments.tasks import load_task
 from namm import stats
 from namm.shards import ShardError

@@ -1,4 +1,4 @@
-"""experiments.fitness_correlation end to end on the tiny random model: a CMA-ES checkpoint, random NAMM
+"""experiments.studies.fitness_correlation end to end on the tiny random model: a CMA-ES checkpoint, random NAMM
 vectors and the baselines, each through the stats fitness and the runtime, on the same prompts."""
 
 import json
@@ -36,7 +36,7 @@ def _checkpoint(run_dir: Path) -> Path:
 def test_end_to_end_on_tiny_random(tmp_path, capsys):
     import torch
 
-    from experiments.fitness_correlation import main
+    from experiments.studies.fitness_correlation import main
 
     evo = _checkpoint(tmp_path / "builtin_i1")
     out = tmp_path / "study"
@@ -45,7 +45,7 @@ def test_end_to_end_on_tiny_random(tmp_path, capsys):
             "--budgets", "0.25", "--max-new-tokens", "4", "--threads", "1", "--quiet", "--out-dir", str(out)]
     threads = torch.get_num_threads()
     try:
-        main(args)                                  # python -m experiments.fitness_correlation ARGS, in process
+        main(args)                                  # python -m experiments.studies.fitness_correlation ARGS, in process
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("spearman_stats_vs_loglik: ")
@@ -74,8 +74,8 @@ def test_end_to_end_on_tiny_random(tmp_path, capsys):
     assert keep["stats_fitness"] == pytest.approx(full["stats_fitness"], abs=1e-6)
 
     # the greedy answer recorded by the study is greedy_generate's (from a copy of the prefilled cache)
-    from experiments.fitness_correlation import _interleave
-    from experiments.models import tiny_random
+    from experiments.studies.fitness_correlation import _interleave
+    from experiments.lib.models import tiny_random
     from experiments.tasks import build_prompts, load_task
     from namm.torch.generate import greedy_generate
     from namm.torch.policies import build_policy
@@ -97,7 +97,7 @@ def test_end_to_end_on_tiny_random(tmp_path, capsys):
     (["--budgets", "1.5"], "--budgets 1.5"),
 ])
 def test_bad_input_is_one_line_error(args, message, capsys):
-    from experiments.fitness_correlation import main
+    from experiments.studies.fitness_correlation import main
 
     with pytest.raises(SystemExit) as e:
         main(["--model", "tiny_random", *args])
@@ -107,7 +107,7 @@ def test_bad_input_is_one_line_error(args, message, capsys):
 
 
 def test_empty_checkpoint_dir_is_refused(tmp_path, capsys):
-    from experiments.fitness_correlation import main
+    from experiments.studies.fitness_correlation import main
 
     with pytest.raises(SystemExit):
         main(["--ckpt", str(tmp_path)])
@@ -118,7 +118,7 @@ def test_baselines_as_one_population_match_evaluate_policy():
     """The lax.switch population of baselines gives StatsFitness.evaluate_policy's numbers, baseline by baseline."""
     import numpy as np
 
-    from experiments.fitness_correlation import evaluate_baselines, jax_baseline
+    from experiments.studies.fitness_correlation import evaluate_baselines, jax_baseline
     from namm import stats as kvstats
     from namm.config import FeatureConfig, NAMMConfig
     from namm.features import NormParams

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments import reporting, tables
+from experiments import tables
 from experiments.evaluate import EvaluateError, label_runs, policy_runs, run
+from experiments.lib import reporting
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 FULL = {"name": "full", "budget": None}

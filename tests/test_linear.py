@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.models import tiny_random
+from experiments.lib.models import tiny_random
 from spec_decode.torch import (PromptLookupProposer, SmallBatchLinear, autoregressive_generate, speculative_generate,
                                use_small_batch_linear)
 from spec_decode.torch.linear import DEFAULT_MAX_ROWS
@@ -68,7 +68,7 @@ def test_speculative_greedy_with_the_few_row_path_equals_plain_target_greedy():
 
 
 def test_bench_verify_writes_json_and_headline(tmp_path, capsys):
-    from experiments import bench_verify
+    from experiments.bench import verify as bench_verify
 
     out = tmp_path / "bv.json"
     res = bench_verify.main(["--model", "tiny_random", "--context", "32", "--rows", "1", "2", "5", "--repeats", "1",

@@ -1,4 +1,4 @@
-"""experiments.models: tiny random models, the byte tokenizer, the one loader, model configs."""
+"""experiments.lib.models: tiny random models, the byte tokenizer, the one loader, model configs."""
 
 import math
 import time
@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments.models import (TINY_ARCHS, TINY_VOCAB, ModelSpecError, load_model, load_model_from_cfg,
+from experiments.lib.models import (TINY_ARCHS, TINY_VOCAB, ModelSpecError, load_model, load_model_from_cfg,
                                 model_signature, tiny_random)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"

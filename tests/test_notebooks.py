@@ -102,9 +102,9 @@ def test_kept_tokens(tmp_path, monkeypatch, namm_export):
 
 
 def test_score_vs_kv(tmp_path, monkeypatch):
-    from experiments import reporting
+    from experiments.lib import reporting
     from experiments.evaluate import evaluate, policy_runs
-    from experiments.models import tiny_random
+    from experiments.lib.models import tiny_random
     from experiments.tasks import generate
 
     model, tok = tiny_random("llama", seed=0)
@@ -124,7 +124,7 @@ def test_score_vs_kv(tmp_path, monkeypatch):
 
 
 def test_acceptance_by_position(tmp_path, monkeypatch):
-    from experiments.models import tiny_random
+    from experiments.lib.models import tiny_random
 
     draft, tok = tiny_random("llama", seed=1)            # another random model with the same byte vocabulary
     draft.save_pretrained(tmp_path / "draft")
@@ -162,7 +162,7 @@ def test_acceptance_by_position(tmp_path, monkeypatch):
 
 
 def test_evolution_curves(tmp_path, monkeypatch):
-    from experiments.tracking import Tracker
+    from experiments.lib.tracking import Tracker
     from namm.evolve import EvolutionConfig, evolve
 
     class Sphere:

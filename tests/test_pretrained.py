@@ -42,7 +42,7 @@ def test_bundled_policy_runs_on_smollm2_at_its_cap_and_schedule(tmp_path):
     """`policy=namm policy.path=smollm2-agree50` on the real model: one eviction at the end of the prefill, to 50 %."""
     from hydra import compose, initialize_config_dir
 
-    from experiments import reporting
+    from experiments.lib import reporting
     from experiments.evaluate import run
 
     configs = str(pretrained.PRETRAINED_DIR.parents[1] / "configs")

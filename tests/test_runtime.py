@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from experiments.models import tiny_random
+from experiments.lib.models import tiny_random
 from namm.config import FeatureConfig, NAMMConfig
 from namm.torch import NAMMCache, PolicyUpdate, TorchPolicy, build_policy, greedy_generate
 from namm.torch.baselines import resolve_budget

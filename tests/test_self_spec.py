@@ -355,7 +355,7 @@ def test_specbench_bad_input_is_one_line(tmp_path, overrides, message):
 @pytest.mark.slow
 def test_refreshed_namm_self_speculation_on_smollm2():
     """The bundled NAMM at a 25 % cap drafts for SmolLM2 on a key-value lookup, refreshed every 8 tokens: lossless."""
-    from experiments.models import load_model
+    from experiments.lib.models import load_model
     from experiments.tasks import build_prompt, load_task
 
     model, tok = load_model("smollm2")

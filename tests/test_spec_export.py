@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from experiments.models import tiny_random
+from experiments.lib.models import tiny_random
 from spec_decode.draft import DraftConfig, forward, params_from_hf
 from spec_decode.export import DraftExportError, export_draft, load_draft, read_export_meta
 from spec_decode.torch import CorruptDraftError, DraftHandle, DraftMismatchError, hf_generate

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from experiments.models import tiny_random
+from experiments.lib.models import tiny_random
 from spec_decode.draft import DraftConfig, params_from_hf
 from spec_decode.export import export_draft
 from spec_decode.torch import (DraftHandle, DraftMismatchError, DraftProposer, PromptLookupProposer, Sampling,

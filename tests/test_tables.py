@@ -44,7 +44,7 @@ def test_cli_writes_markdown_latex_and_headline(tmp_path, capsys):
     assert "passkey@2048" in md
     assert r"\begin{tabular}" in (tmp_path / "tables.tex").read_text()
     # --by-length gives experiments.evaluate's normalised score (per task@length); the default merges lengths
-    from experiments.reporting import normalised_scores
+    from experiments.lib.reporting import normalised_scores
 
     by_length = json.loads((tmp_path / "tables.json").read_text())["h2o@0.25"]["normalized"]
     assert by_length == pytest.approx(normalised_scores(ROWS)["h2o@0.25"], abs=5e-5)  # it rounds to 4 decimals

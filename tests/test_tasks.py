@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from experiments.models import byte_tokenizer
+from experiments.lib.models import byte_tokenizer
 from experiments.tasks import (GENERATED, LONGBENCH_TASKS, METRICS, REGISTRY, TaskError, build_prompt, build_prompts,
                                generate, get_spec, humaneval_rows, in_split, load_task, load_templates,
                                middle_truncate, read_jsonl, split_rows, write_jsonl)
@@ -166,7 +166,7 @@ def test_humaneval_rows():
     rows = humaneval_rows()
     assert len(rows) == 164 and rows[0]["_id"] == "HumanEval/0"
     assert all("def check" in r["answers"][0] and r["entry_point"] for r in rows)
-    from experiments.assets import humaneval_problems
+    from experiments.lib.assets import humaneval_problems
 
     solution = humaneval_problems()[0]["canonical_solution"]
     assert check(rows[0], solution)["passed"]

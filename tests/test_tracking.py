@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments.tracking import Tracker, read_metrics
+from experiments.lib.tracking import Tracker, read_metrics
 
 
 def test_jsonl_is_written_and_appended_on_resume(tmp_path):

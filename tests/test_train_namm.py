@@ -109,8 +109,8 @@ def test_heldout_split_is_deterministic_and_disjoint():
 def test_task_fitness_normalisation_and_keep_all_parity():
     """Per task: sum of scores / sum of full-cache scores, mean over tasks; the zero (keep-all) NAMM
     reproduces the full cache, so its fitness is exactly 1.0."""
-    from experiments.models import tiny_random
-    from experiments.task_fitness import TaskFitness
+    from experiments.lib.models import tiny_random
+    from experiments.fitness.task import TaskFitness
     from experiments.tasks import load_task
     from namm.config import FeatureConfig, NAMMConfig
     from namm.scoring import num_params

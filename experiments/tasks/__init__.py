@@ -80,7 +80,7 @@ def load_task(task_cfg: Mapping[str, Any], tokenizer=None, split: str = "all", c
         return _limit_per_dataset(split_rows(read_jsonl(path), split, frac), n)
     subsets = list(_get(task_cfg, "subsets", LONGBENCH_TASKS))
     if cache_dir is None:
-        from experiments.assets import cache_dir as default_cache
+        from experiments.lib.assets import cache_dir as default_cache
 
         cache_dir = default_cache()
     rows = []

@@ -61,7 +61,7 @@ def _sentences(text: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _essay_sentences() -> tuple[str, ...]:
-    from experiments.assets import essays
+    from experiments.lib.assets import essays
 
     return tuple(s for essay in essays() for p in _paragraphs(essay) for s in _sentences(p))
 
@@ -69,7 +69,7 @@ def _essay_sentences() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1)
 def _essay_paragraphs() -> tuple[str, ...]:
     """Essay paragraphs of 30+ words, cut to at most ~100 words at a sentence end."""
-    from experiments.assets import essays
+    from experiments.lib.assets import essays
 
     out = []
     for essay in essays():
@@ -284,7 +284,7 @@ def generate(name: str, tokenizer, context_length: int, n: int, seed: int = 0) -
 
 def humaneval_rows() -> list[dict]:
     """The 164 HumanEval problems as task rows; ``answers[0]`` is the test code, ``entry_point`` its target."""
-    from experiments.assets import humaneval_problems
+    from experiments.lib.assets import humaneval_problems
 
     rows = []
     for p in humaneval_problems():

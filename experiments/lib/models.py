@@ -160,7 +160,7 @@ def load_model(spec: str | Mapping[str, Any], dtype: str | torch.dtype = "float3
         model, tok = tiny_random(arch, seed, attn_implementation=attn_implementation, **overrides)
         return model.to(device=device, dtype=torch_dtype).eval(), tok
     if text == "smollm2":
-        from experiments.assets import SMOLLM2_NAME, smollm2_dir
+        from experiments.lib.assets import SMOLLM2_NAME, smollm2_dir
 
         model, tok = _load_pretrained(str(smollm2_dir(cache)), torch_dtype, device, overrides, attn_implementation)
         model.config.name_or_path = SMOLLM2_NAME

@@ -1,9 +1,9 @@
 """Candidate evaluations per second of the fitness backends, on the same prompts in the same run.
 
-    python -m experiments.bench_fitness                    # agreement: population-batched vs one at a time
-    python -m experiments.bench_fitness --suite stats --model smollm2 --prompts 4 --population 4 --layers 6
+    python -m experiments.bench.fitness                    # agreement: population-batched vs one at a time
+    python -m experiments.bench.fitness --suite stats --model smollm2 --prompts 4 --population 4 --layers 6
 
-``--suite agreement`` (default): the ``agreement`` fitness (experiments/agreement_fitness.py) on SmolLM2
+``--suite agreement`` (default): the ``agreement`` fitness (experiments/fitness/agreement.py) on SmolLM2
 prompts of about ``--context-length`` tokens (one per task of the built-in suite), a first-generation
 population (sigma 0.065 around zero) under a 50 % cap, the NAMM's normalisation calibrated on the same
 prompts. Each prompt's shared state (prefill, features, full-cache answer and distributions) is prepared
@@ -43,8 +43,8 @@ def bench_stats(model_spec: str, stats_dir: str, out: str, prompts: int, populat
     import torch
 
     from experiments.extract import extract
-    from experiments.models import load_model
-    from experiments.task_fitness import TaskFitness
+    from experiments.lib.models import load_model
+    from experiments.fitness.task import TaskFitness
     from experiments.tasks import load_task
     from namm import stats as kvstats
     from namm.config import NAMMConfig
@@ -227,8 +227,8 @@ def bench_agreement(model_spec: str, out: str, prompts: int, population: int, re
                     budget: float, mlp: bool) -> dict:
     import torch
 
-    from experiments.agreement_fitness import AgreementFitness
-    from experiments.models import load_model
+    from experiments.fitness.agreement import AgreementFitness
+    from experiments.lib.models import load_model
     from experiments.tasks import build_prompts, load_task
     from namm.config import NAMMConfig, ScorerConfig
     from namm.shards import atomic_write_json

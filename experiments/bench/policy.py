@@ -1,6 +1,6 @@
 """Cost of one NAMM policy update against the target's own forward pass over the chunk that triggers it.
 
-    python -m experiments.bench_policy [--contexts 1024 2048 4096] [--repeats 5] [--out outputs/bench_policy.json]
+    python -m experiments.bench.policy [--contexts 1024 2048 4096] [--repeats 5] [--out outputs/bench_policy.json]
 
 SmolLM2-135M's shape (30 layers, 9 query / 3 KV heads, head dim 64) on CPU. For each cached-token
 count N: the time of one policy update over all 30 layers (features + BAM + selection, median of
@@ -50,7 +50,7 @@ def load_target(model_spec: str):
     import torch
 
     try:
-        from experiments.models import load_model
+        from experiments.lib.models import load_model
 
         model, _ = load_model(model_spec)
         return model, model_spec
@@ -249,10 +249,10 @@ def time_runtime_update(cfg, params, norm, rows, state, n_cached: int, repeats: 
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_policy", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench.policy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--model", default="smollm2", help="model spec for experiments.models.load_model")
+    ap.add_argument("--model", default="smollm2", help="model spec for experiments.lib.models.load_model")
     ap.add_argument("--out", default="outputs/bench_policy.json")
     args = ap.parse_args(argv)
     for n in args.contexts:

@@ -1,6 +1,6 @@
 """Runtime cost of KV policies on SmolLM2: prefill time, decode time per token, KV bytes.
 
-    python -m experiments.bench_runtime [--contexts 2048 4096 8192] [--decode-tokens 16] [--out outputs/bench_runtime.json]
+    python -m experiments.bench.runtime [--contexts 2048 4096 8192] [--decode-tokens 16] [--out outputs/bench_runtime.json]
 
 For each context length (Paul Graham essays, tokenised): full cache vs a NAMM policy vs H2O at a
 25 % budget, all through the same runtime (``namm.torch``: chunked prefill of 128 tokens, policy
@@ -40,7 +40,7 @@ def context_ids(tokenizer, n: int, vocab: int):
     import torch
 
     try:
-        from experiments.assets import essays
+        from experiments.lib.assets import essays
 
         text = "\n\n".join(essays())
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -116,10 +116,10 @@ def run_one_forward(model, ids) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_runtime", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench.runtime", description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--decode-tokens", type=int, default=16)
-    ap.add_argument("--model", default="smollm2", help="model spec for experiments.models.load_model")
+    ap.add_argument("--model", default="smollm2", help="model spec for experiments.lib.models.load_model")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--one-forward", action="store_true", help="also time the full cache in one plain forward")
     ap.add_argument("--out", default="outputs/bench_runtime.json")
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     import torch
     from tqdm import tqdm
 
-    from experiments.models import load_model
+    from experiments.lib.models import load_model
     from namm.shards import atomic_write_json
     from namm.torch.policies import build_policy
 

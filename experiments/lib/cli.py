@@ -11,10 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 # Bad input (a missing asset, a policy or draft for another model, a config typo).
-USER_ERRORS = (("experiments.models", "ModelSpecError"), ("experiments.assets", "AssetError"),
+USER_ERRORS = (("experiments.lib.models", "ModelSpecError"), ("experiments.lib.assets", "AssetError"),
                ("experiments.tasks", "TaskError"), ("namm.torch.policies", "PolicyConfigError"),
                ("namm.torch.policy", "PolicyFormatError"), ("namm.torch.cache", "CacheConfigError"),
                ("spec_decode.torch.draft", "DraftMismatchError"), ("spec_decode.torch.draft", "CorruptDraftError"),

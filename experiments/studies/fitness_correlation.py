@@ -1,6 +1,6 @@
 """Does the ``stats`` fitness rank eviction policies the way the task does? Spearman over >= 16 policies.
 
-    python -m experiments.fitness_correlation --model smollm2 --prompts 12 \
+    python -m experiments.studies.fitness_correlation --model smollm2 --prompts 12 \
         [--ckpt outputs/namm/smollm2/builtin_i1/evolution] [--out-dir outputs/fitness_correlation]
 
 The same training-split prompts of the built-in suite (``--tasks``, ``--context-length``,
@@ -58,7 +58,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BASELINE_NAMES = ("full", "recency", "streamingllm", "random", "h2o", "l2", "snapkv")
 DEFAULT_TASKS = "passkey,needle_qa,kv_retrieval"
 OUT_NAME = "fitness_correlation"
@@ -656,7 +656,7 @@ def run_study(a) -> dict:
     from tqdm import tqdm
 
     from experiments.extract import eos_ids, extract
-    from experiments.models import load_model
+    from experiments.lib.models import load_model
     from experiments.tasks import build_prompts, load_task
     from namm import stats as kvstats
     from namm.features import NormParams
@@ -845,7 +845,8 @@ def run_study(a) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m experiments.fitness_correlation", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.studies.fitness_correlation",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 | tiny_random | a local dir / .gguf / hub id")
     ap.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated built-in tasks")
     ap.add_argument("--context-length", type=int, default=1024)
@@ -881,9 +882,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    from experiments.assets import AssetError
+    from experiments.lib.assets import AssetError
     from experiments.extract import ExtractError
-    from experiments.models import ModelSpecError
+    from experiments.lib.models import ModelSpecError
     from experiments.tasks import TaskError
     from namm.config import ConfigError
     from namm.evolve import EvolutionError

@@ -1,6 +1,6 @@
 """Cost of a speculative verification call: the target over n new tokens against a one-token decode step.
 
-    python -m experiments.bench_verify [--rows 1 2 3 5 7 9 17] [--context 512] [--threads 1] [--out ...]
+    python -m experiments.bench.verify [--rows 1 2 3 5 7 9 17] [--context 512] [--threads 1] [--out ...]
 
 The target (SmolLM2 by default) holds ``--context`` tokens of essay text in its KV cache; each timed
 call feeds n new tokens and is cropped back, so every call sees the same cache. Two ways of running
@@ -27,12 +27,12 @@ TARGET_SPEEDUP = 1.0   # the few-row path must not be slower than F.linear at ga
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_verify", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench.verify", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 5, 7, 9, 17],
                     help="new tokens per timed call (5 = verifying a draft of length 4)")
     ap.add_argument("--context", type=int, default=512, help="tokens already in the KV cache")
     ap.add_argument("--repeats", type=int, default=9, help="timed calls per (rows, mode); the median is kept")
-    ap.add_argument("--model", default="smollm2", help="model spec for experiments.models.load_model")
+    ap.add_argument("--model", default="smollm2", help="model spec for experiments.lib.models.load_model")
     ap.add_argument("--max-rows", type=int, default=None,
                     help="largest row count on the few-row path (default: spec_decode.torch.linear.DEFAULT_MAX_ROWS)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (specbench's default is 1)")
@@ -50,8 +50,8 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
     from transformers import DynamicCache
 
-    from experiments.bench_runtime import context_ids
-    from experiments.models import load_model
+    from experiments.bench.runtime import context_ids
+    from experiments.lib.models import load_model
     from namm.shards import atomic_write_json
     from spec_decode.torch.linear import DEFAULT_MAX_ROWS, use_small_batch_linear
 

