@@ -13,7 +13,6 @@ Writes ``<runs_root>/<run.name>/``: ``evolution/{latest,best}.npz`` (full ES sta
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -49,19 +48,6 @@ def evolution_config(cfg):
     return EvolutionConfig(**e)
 
 
-RUNTIME_FITNESS_KEYS = {"task": {"compress_question", "max_new_tokens"},
-                        "agreement": {"policy_budget", "compress_question", "max_answer_tokens", "cache_prompts",
-                                      "refresh_every", "refresh_window", "batched", "pop_chunk", "store_dir"}}
-
-
-def _check_keys(fit_name: str, fit_cfg: dict, allowed: set[str]) -> None:
-    from namm.fitness import FitnessError
-
-    unknown = sorted(set(fit_cfg) - allowed)
-    if unknown:
-        raise FitnessError(f"fitness={fit_name} does not take {unknown}; its keys: {sorted(allowed)}")
-
-
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (train, held-out) item indices; held-out is empty for fraction 0 or n < 2."""
     k = int(round(n * fraction)) if n >= 2 else 0
@@ -69,29 +55,16 @@ def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def _save_norm(path: Path, norm) -> None:
-    from namm.shards import atomic_write_json
-
-    mean, var = (np.asarray(x, np.float64).tolist() for x in norm)
-    atomic_write_json(path, {"mean": mean, "var": var})
-
-
-def _load_norm(path: Path):
-    d = json.loads(Path(path).read_text())
-    return np.asarray(d["mean"], np.float32), np.asarray(d["var"], np.float32)
-
-
 def train(cfg) -> dict:
     """Run (or resume) the stage ``cfg.run``; returns the summary written to ``train_summary.json``."""
     import torch
 
-    from experiments.extract import extract
+    from experiments import fitness
     from experiments.lib.models import load_model_from_cfg, model_signature
-    from experiments.tasks import load_task
     from experiments.lib.tracking import Tracker
-    from namm import stats as kvstats
+    from experiments.tasks import load_task
     from namm.evolve import evolve, maybe_initialize_distributed, solution
-    from namm.fitness import FitnessError, StatsFitness, StatsFitnessConfig, load_stats_data
+    from namm.fitness import FitnessError
     from namm.scoring import num_params
     from namm.shards import atomic_write_json
 
@@ -104,10 +77,7 @@ def train(cfg) -> dict:
     es_cfg = evolution_config(cfg)
     fit_cfg = dict(_plain(cfg.fitness))
     fit_name = fit_cfg.pop("name", None)
-    if fit_name not in ("stats", "task", "agreement"):
-        raise FitnessError(f"fitness={fit_name!r}; use fitness=stats, fitness=task or fitness=agreement")
-    if fit_name in RUNTIME_FITNESS_KEYS:
-        _check_keys(fit_name, fit_cfg, RUNTIME_FITNESS_KEYS[fit_name])
+    fitness.check_config(fit_name, fit_cfg)
     init_from = cfg.run.get("init_from")
     if init_from and not Path(str(init_from)).exists() and not (ckpt_dir / "latest.npz").exists():
         raise FitnessError(f"run.init_from={init_from} does not exist; run the previous stage first "
@@ -119,64 +89,18 @@ def train(cfg) -> dict:
     rows = load_task(cfg.task, tokenizer, split=str(cfg.get("split", "train")), cache_dir=cfg.get("cache_dir"))
     if not rows:
         raise FitnessError(f"task {cfg.task.get('name')!r} has no prompts in split={cfg.get('split')}")
-    chat, max_context = bool(cfg.model.get("chat", False)), cfg.model.get("max_context")
     train_idx, held_idx = split_heldout(len(rows), float(cfg.get("heldout_fraction", 0.25)), int(cfg.seed))
     norm_path = ckpt_dir / "norm_stats.json"
     inherited = Path(str(init_from)).parent / "norm_stats.json" if init_from else None
     if not norm_path.exists() and inherited is not None and inherited.exists():
-        _save_norm(norm_path, _load_norm(inherited))       # frozen from the first stage (reference 2.4)
+        fitness.save_norm(norm_path, fitness.load_norm(inherited))  # frozen from the first stage (reference 2.4)
     if not norm_path.exists() and init_norm is not None:
-        _save_norm(norm_path, init_norm)                    # the exported policy's frozen normalisation
-    norm = _load_norm(norm_path) if norm_path.exists() else None
+        fitness.save_norm(norm_path, init_norm)                     # the exported policy's frozen normalisation
+    norm = fitness.load_norm(norm_path) if norm_path.exists() else None
 
-    if fit_name == "stats":
-        summary_x = extract(model, tokenizer, rows, str(cfg.stats_dir), layers=_plain(cfg.get("extract_layers")),
-                            chat=chat, max_context=max_context,
-                            compress_question=bool(cfg.get("question_in_compression", True)),
-                            progress=bool(cfg.get("progress", True)), model_name=str(cfg.model.get("name")))
-        log.info("kv stats: %s prompts, %.0f bytes per prompt per 1K tokens", summary_x["prompts"],
-                 summary_x["bytes_per_prompt_per_1k_tokens"])
-        names = [kvstats.shard_name(r["dataset"], str(r["_id"])) for r in rows]
-        prompts = kvstats.load_prompts(str(cfg.stats_dir), names)
-        s_cfg = StatsFitnessConfig.from_mapping(fit_cfg)
-        train_fit = StatsFitness(load_stats_data([prompts[i] for i in train_idx], namm_cfg, s_cfg), namm_cfg, s_cfg,
-                                 norm=None if norm is None else _norm_params(norm))
-        if norm is None:
-            norm = tuple(np.asarray(x) for x in train_fit.norm)
-            _save_norm(norm_path, norm)
-        eval_fit = (StatsFitness(load_stats_data([prompts[i] for i in held_idx], namm_cfg, s_cfg), namm_cfg, s_cfg,
-                                 norm=train_fit.norm) if len(held_idx) else None)
-    else:
-        if norm is None:
-            from experiments.tasks import build_prompts
-            from namm.torch.policy import calibrate_norm_stats
-
-            ps = build_prompts([rows[i] for i in train_idx], tokenizer, chat, max_context)
-            norm = tuple(x.numpy() for x in calibrate_norm_stats(
-                model, [torch.tensor([p.ids]) for p in ps], namm_cfg, progress=bool(cfg.get("progress", True))))
-            _save_norm(norm_path, norm)
-        if fit_name == "task":
-            from experiments.fitness.task import TaskFitness as Fitness
-
-            common = dict(compress_question=bool(fit_cfg.get("compress_question", True)),
-                          reference=_stats_references(str(cfg.stats_dir), rows),
-                          reference_path=out_dir / "full_cache_scores.json",
-                          max_new_tokens=fit_cfg.get("max_new_tokens"))
-        else:
-            from experiments.fitness.agreement import AgreementFitness as Fitness
-
-            common = dict(budget=fit_cfg.get("policy_budget"),
-                          compress_question=bool(fit_cfg.get("compress_question", True)),
-                          max_answer_tokens=fit_cfg.get("max_answer_tokens"),
-                          cache_prompts=bool(fit_cfg.get("cache_prompts", True)),
-                          refresh_every=fit_cfg.get("refresh_every"), refresh_window=fit_cfg.get("refresh_window", 16),
-                          batched=fit_cfg.get("batched"), pop_chunk=fit_cfg.get("pop_chunk", 16),
-                          store_dir=fit_cfg.get("store_dir"),
-                          answers_path=out_dir / "full_cache_answers.json", progress=bool(cfg.get("progress", True)))
-        common.update(chat=chat, max_context=max_context)
-        train_fit = Fitness(model, tokenizer, [rows[i] for i in train_idx], namm_cfg, norm, **common)
-        eval_fit = Fitness(model, tokenizer, [rows[i] for i in held_idx], namm_cfg, norm,
-                           **common) if len(held_idx) else None
+    train_fit, eval_fit, norm = fitness.build(fit_name, fit_cfg, cfg, model=model, tokenizer=tokenizer, rows=rows,
+                                              train_idx=train_idx, held_idx=held_idx, namm_cfg=namm_cfg, norm=norm,
+                                              norm_path=norm_path, out_dir=out_dir)
 
     if cfg.get("prepare_store"):
         return _prepare_store(train_fit, eval_fit, es_cfg, fit_name)
@@ -218,6 +142,7 @@ def train(cfg) -> dict:
                                      norm, base, trained_budget=trained_budget, trained_schedule=schedule)
     references = {}
     if fit_name == "stats":
+        s_cfg = train_fit.cfg                       # namm.fitness.StatsFitnessConfig
         references = _heldout_references(eval_fit, s_cfg.policy_budget if s_cfg.policy_budget is not None
                                          else s_cfg.budget_target, solution_mean, cfg)
     elif fit_name == "agreement":
@@ -326,27 +251,6 @@ def _logged_generations(metrics_path: Path, stage: str) -> set[int]:
         return set()
     return {int(r["generation"]) for r in read_metrics(metrics_path)
             if r.get("stage") == stage and isinstance(r.get("generation"), int)}
-
-
-def _norm_params(norm):
-    import jax.numpy as jnp
-
-    from namm.features import NormParams
-
-    return NormParams(jnp.asarray(norm[0], jnp.float32), jnp.asarray(norm[1], jnp.float32))
-
-
-def _stats_references(stats_dir: str, rows) -> dict[str, float]:
-    """Full-cache scores recorded at extraction, keyed ``task/_id`` (empty if there is no store)."""
-    from namm import stats as kvstats
-    from namm.shards import ShardError
-
-    try:
-        store = kvstats.open_store(stats_dir)
-    except ShardError:
-        return {}
-    want = {kvstats.shard_name(r["dataset"], str(r["_id"])): f"{r['dataset']}/{r['_id']}" for r in rows}
-    return {want[n]: float(store.manifest["shards"][n]["meta"]["score"]) for n in store.names() if n in want}
 
 
 def _main():

@@ -169,7 +169,7 @@ def maybe_initialize_distributed(enabled: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Fitness protocol (implemented in namm.fitness and experiments.fitness.task).
+# Fitness protocol (its backends: namm.fitness.StatsFitness and experiments.fitness; see experiments.fitness).
 
 
 class FitnessFn(Protocol):

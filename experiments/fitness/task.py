@@ -131,3 +131,16 @@ class TaskFitness:
         scores = np.array([self.score_prompt(i, policy) for i in items])
         return {"fitness": self.normalised(scores, items), "kept_fraction": float(np.mean(self._kv)),
                 "wall_s": time.perf_counter() - t0}
+
+
+def stats_references(stats_dir: str, rows) -> dict[str, float]:
+    """Full-cache scores recorded at extraction, keyed ``task/_id`` (empty if there is no store)."""
+    from namm import stats as kvstats
+    from namm.shards import ShardError
+
+    try:
+        store = kvstats.open_store(stats_dir)
+    except ShardError:
+        return {}
+    want = {kvstats.shard_name(r["dataset"], str(r["_id"])): f"{r['dataset']}/{r['_id']}" for r in rows}
+    return {want[n]: float(store.manifest["shards"][n]["meta"]["score"]) for n in store.names() if n in want}
