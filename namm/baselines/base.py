@@ -1,24 +1,7 @@
-"""Hand-designed eviction policies behind the NAMM step interface (reference section 9). Pure JAX.
+"""What every JAX baseline shares: the slot state, the budget rule, the lexicographic ranking and the registry.
 
-Every baseline is a ``Policy(init, update)`` (see ``namm.policy``) with the same fixed-capacity slot
-semantics as NAMM: ``update(params, state, attention_rows [H, n, C], positions [C] | [H, C], valid [H, C],
-*, keys=None [H, C, d], rng=None, layer=None) -> (new_state, scores [H, C], keep [H, C])``;
-``params`` is ignored (pass None). Each keeps exactly ``min(budget, valid tokens)`` per head and
-always keeps the newest token. Ranking is lexicographic: (newest, protected tier, score, slot index).
-
-Budgets: an ``int >= 1`` is a token count; a ``float`` in (0, 1] is a fraction of the tokens seen by
-the layer (latest position + 1), rounded up, at least 1.
-
-  full          keep every valid token
-  recency       the ``budget`` most recent tokens (sliding window)
-  streamingllm  ``sinks`` oldest tokens (attention sinks) + the most recent ones
-  h2o           accumulated attention (sum over every query seen while cached), heavy hitters
-                + a recent window of ``recent_fraction * budget`` tokens
-  l2            lowest key L2 norm (keys as cached, post-RoPE) + optional recent window; layers
-                ``< skip_layers`` are not compressed
-  snapkv        attention of the last ``window`` queries summed, max-pooled over ``kernel``
-                neighbouring tokens (chronological order); the window's own tokens are protected
-  random        uniform random scores from an explicit PRNG key
+A baseline module builds its ``Policy`` with :func:`_make` from a score function and registers the
+builder under its name with ``@register("name")``; :func:`make_baseline` builds any registered one.
 """
 
 from __future__ import annotations
@@ -118,107 +101,20 @@ def _recent_window(ctx, fraction: float) -> Array | None:
     return _recent(ctx["pos"], ctx["valid"], n)
 
 
-# --------------------------------------------------------------------------------------------
-# The baselines
-# --------------------------------------------------------------------------------------------
-
-def full() -> Policy:
-    """Keep every valid token (the full cache)."""
-    return _make(lambda ctx: (jnp.zeros_like(ctx["acc"]), None), budget=None)
+BASELINES: dict[str, Callable[..., Policy]] = {}   # name -> builder, filled by @register as the modules load
 
 
-def recency(budget: int | float) -> Policy:
-    """Sliding window: the ``budget`` most recent tokens."""
-    return _make(lambda ctx: (ctx["pos"].astype(jnp.float32), None), budget=budget)
+def register(name: str) -> Callable:
+    """Decorator: register ``fn(budget, **knobs) -> Policy`` as baseline ``name``; its signature lists its knobs."""
 
+    def add(fn: Callable[..., Policy]) -> Callable[..., Policy]:
+        if name in BASELINES:
+            raise ValueError(f"baseline {name!r} is registered twice ({BASELINES[name].__module__} and "
+                             f"{fn.__module__}); give one of them another name")
+        BASELINES[name] = fn
+        return fn
 
-def streamingllm(budget: int | float, sinks: int = 4) -> Policy:
-    """Attention sinks (the ``sinks`` oldest tokens) plus the most recent tokens."""
-    if sinks < 0:
-        raise ValueError(f"streamingllm: sinks={sinks} must be >= 0")
-
-    def score(ctx):
-        pos, valid = ctx["pos"], ctx["valid"]
-        oldest = jnp.where(valid, -pos, jnp.iinfo(jnp.int32).min).astype(jnp.float32)
-        sink = valid & (_rank(jnp.zeros_like(oldest), oldest) < sinks)
-        return pos.astype(jnp.float32), sink
-
-    return _make(score, budget=budget)
-
-
-def h2o(budget: int | float, recent_fraction: float = 0.5) -> Policy:
-    """Heavy-hitter oracle: accumulated attention, plus a recent window of ``recent_fraction * budget``."""
-    if not 0.0 <= recent_fraction <= 1.0:
-        raise ValueError(f"h2o: recent_fraction={recent_fraction} must be in [0, 1]")
-    return _make(lambda ctx: (ctx["acc"], _recent_window(ctx, recent_fraction)), budget=budget,
-                 accumulate=True)
-
-
-def l2(budget: int | float, recent_fraction: float = 0.0, skip_layers: int = 0) -> Policy:
-    """Keep the keys with the lowest L2 norm (score -||k||); layers ``< skip_layers`` keep everything.
-
-    Needs ``keys=[H, C, d]`` (as cached, post-RoPE) and ``layer=`` when ``skip_layers > 0``.
-    """
-    if not 0.0 <= recent_fraction <= 1.0:
-        raise ValueError(f"l2: recent_fraction={recent_fraction} must be in [0, 1]")
-
-    def score(ctx):
-        if ctx["keys"] is None:
-            raise ValueError("l2 policy needs keys=[kv_heads, capacity, head_dim] (cached keys) in update()")
-        if skip_layers and ctx["layer"] is None:
-            raise ValueError(f"l2 policy with skip_layers={skip_layers} needs layer= (the layer index) in update()")
-        k = jnp.asarray(ctx["keys"], jnp.float32)
-        return -jnp.sqrt(jnp.sum(k * k, axis=-1)), _recent_window(ctx, recent_fraction)   # -||k||_2
-
-    policy = _make(score, budget=budget)
-    if not skip_layers:
-        return policy
-    keep_all = full()
-
-    def update(params, state, attention_rows, positions, valid, *, keys=None, rng=None, layer=None):
-        if layer is not None and layer < skip_layers:
-            if keys is None:
-                raise ValueError("l2 policy needs keys=[kv_heads, capacity, head_dim] (cached keys) in update()")
-            return keep_all.update(params, state, attention_rows, positions, valid)
-        return policy.update(params, state, attention_rows, positions, valid, keys=keys, rng=rng, layer=layer)
-
-    return Policy(init=init_state, update=update)
-
-
-def snapkv(budget: int | float, window: int = 32, kernel: int = 5) -> Policy:
-    """SnapKV: votes of the last ``window`` queries, max-pooled over ``kernel`` neighbours; window tokens protected."""
-    if window < 1 or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"snapkv: window={window} must be >= 1 and kernel={kernel} a positive odd number")
-
-    def score(ctx):
-        rows, pos, valid = ctx["rows"], ctx["pos"], ctx["valid"]
-        votes = rows[:, -window:, :].sum(axis=-2)                                    # [H, C]
-        votes = jnp.where(valid, votes, -jnp.inf)
-        order = jnp.argsort(jnp.where(valid, pos, jnp.iinfo(jnp.int32).max), axis=-1, stable=True)
-        chrono = jnp.take_along_axis(votes, order, axis=-1)                         # chronological order
-        pooled = jax.lax.reduce_window(chrono, -jnp.inf, jax.lax.max, (1, kernel), (1, 1), "SAME")
-        s = jnp.put_along_axis(jnp.zeros_like(pooled), order, pooled, axis=-1, inplace=False)
-        protected = valid & (ctx["recency"] < min(window, rows.shape[-2]))           # the observation window
-        return s, protected
-
-    return _make(score, budget=budget)
-
-
-def random(budget: int | float) -> Policy:
-    """Uniformly random eviction; needs ``rng=`` (a PRNG key) in update."""
-
-    def score(ctx):
-        if ctx["rng"] is None:
-            raise ValueError("random policy needs rng=jax.random.key(...) in update()")
-        return jax.random.uniform(ctx["rng"], ctx["pos"].shape), None
-
-    return _make(score, budget=budget)
-
-
-BASELINES: dict[str, Callable[..., Policy]] = {
-    "full": full, "recency": recency, "streamingllm": streamingllm, "h2o": h2o, "l2": l2,
-    "snapkv": snapkv, "random": random,
-}
+    return add
 
 
 def make_baseline(name: str, **knobs) -> Policy:
