@@ -85,3 +85,22 @@ def undecided_keep(scores, valid, newest, tol: float, selection, cap: int | None
         return cand_maybe & ~cand_sure
     k_lo, k_hi = cand_sure.sum(-1).max(), cand_maybe.sum(-1).max()
     return valid & ~(above_maybe < k_lo) & ~(above_sure >= k_hi)
+
+
+def undecided_rank_keep(scores, keep, tol: float, other_scores=None) -> np.ndarray:
+    """``[H, N]`` True where a keep-the-best decision of a baseline (``keep``, made on ``scores``) could flip if every
+    score moved by <= tol.
+
+    A baseline keeps its best tokens by (tier, score, slot index); a kept and a dropped token can swap only if their
+    scores are within 2 tol of each other, so both are undecided (whatever their tiers: conservative). An exact tie
+    on both sides (``scores`` and the other side's ``other_scores``, e.g. SnapKV's pooling copying one vote) goes by
+    slot index on both, so it is settled. The tests compare keep masks exactly outside this set, and assert it is
+    small.
+    """
+    keep = np.asarray(keep, bool)
+    s = np.asarray(scores, np.float64)
+    o = s if other_scores is None else np.asarray(other_scores, np.float64)
+    close = np.abs(s[..., :, None] - s[..., None, :]) <= 2 * tol           # [H, N, N]
+    tied = (s[..., :, None] == s[..., None, :]) & (o[..., :, None] == o[..., None, :])
+    swappable = close & ~tied & (keep[..., :, None] != keep[..., None, :])
+    return swappable.any(-1)

@@ -12,7 +12,6 @@ from namm.torch.cache import CacheConfigError, FullPolicy, TorchPolicy
 UNTRAINED = "untrained"  # policy=namm policy.path=untrained: the all-zero NAMM (scores 0, keeps every token)
 # What ``policy=namm`` takes besides ``name`` and ``path`` (``NAMMPolicy.from_pretrained``'s overrides).
 NAMM_KEYS = ("budget", "chunk_size", "update_interval", "final_update", "mode", "threshold", "top_k", "recent_fraction")
-SCHEDULE_KEYS = ("chunk_size", "update_interval", "final_update")
 BUDGET_RANGE = "a token count (an int >= 1, e.g. 512) or a fraction of the tokens seen in (0, 1] (e.g. 0.25)"
 
 
@@ -54,19 +53,16 @@ def allowed_keys(name: str) -> tuple[str, ...]:
         return ("budget", "chunk_size", "update_interval")
     if name == "namm":
         return tuple(sorted(("path", *NAMM_KEYS)))
-    import inspect
-
     from namm.torch.baselines import BASELINES
 
-    own = {p for p in inspect.signature(BASELINES[name].__init__).parameters if p not in ("self", "kw")}
-    return tuple(sorted(own | set(SCHEDULE_KEYS)))
+    return BASELINES[name].options()   # the registered class's own knobs and the schedule's
 
 
 def build_policy(policy_cfg: Mapping) -> TorchPolicy | None:
     """``{"name": ..., "budget": ..., knobs}`` -> a :class:`TorchPolicy`.
 
-    Names: full, namm (needs ``path``), h2o, l2, streamingllm, snapkv, random, recency. ``budget``
-    is a token count (int >= 1) or a fraction of the tokens seen (0 < b <= 1). Keys set to None
+    Names: full, namm (needs ``path``) and every registered baseline (``namm.torch.baselines.BASELINES``).
+    ``budget`` is a token count (int >= 1) or a fraction of the tokens seen (0 < b <= 1). Keys set to None
     are ignored (Hydra leaves unused knobs as null). A key the policy does not take, a budget out of
     range or a bad knob value is a one-line :class:`PolicyConfigError` naming what it takes.
     """
