@@ -12,6 +12,11 @@ task. Markdown and LaTeX are written to ``tables.md`` / ``tables.tex``.
 
 Scores of the same task at several context lengths are averaged, weighted by prompt count, unless
 ``--by-length`` keeps each length as its own task (``passkey@1024``).
+
+``--intervals`` reads the ``predictions.jsonl`` beside each results file and adds, per method, a 95 % paired
+bootstrap interval of the normalised score (each task row at one length, as ``experiments.evaluate``
+reports it: ``reporting.paired_bootstrap``); ``--versus METHOD`` adds each method's paired difference to
+that one (interval and the share of resamples where it is ahead). Written to ``intervals.md`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from experiments.lib.reporting import FULL, row_label
+from experiments.lib.reporting import FULL, paired_bootstrap, row_label
 from experiments.tasks.registry import REGISTRY
 from namm.shards import atomic_write_bytes
 
@@ -180,12 +185,84 @@ def headline(summary: Mapping[str, dict]) -> str:
     return f"{pick}_normalized_overall: {_fmt(norm, 3)} (target: >= 1.0 at <= 50% KV; paper: 1.11 for NAMM on Llama-3-8B)"
 
 
+def read_predictions(paths: Iterable[str | Path]) -> list[dict]:
+    """The ``predictions.jsonl`` beside each results file; a prompt that two files both ran under one label must
+    have the same score in both (e.g. the full cache run by two evaluations)."""
+    seen: dict[tuple, tuple[float, str]] = {}
+    out = []
+    for path in paths:
+        path = Path(path)
+        pred = (path if path.is_dir() else path.parent) / "predictions.jsonl"
+        if not pred.exists():
+            raise TablesError(f"--intervals needs {pred} (written by python -m experiments.evaluate beside its "
+                              "results.jsonl)")
+        for i, line in enumerate(pred.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                p = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TablesError(f"{pred}:{i} is not JSON ({e})") from None
+            key = (p["task"], p.get("length"), row_label(p), str(p["_id"]))
+            if key in seen:
+                if seen[key][0] != float(p["score"]):
+                    raise TablesError(f"{pred}:{i}: {key} scored {p['score']} here and {seen[key][0]} in "
+                                      f"{seen[key][1]}; two different runs under one label (give one a label)")
+                continue
+            seen[key] = (float(p["score"]), f"{pred}:{i}")
+            out.append(p)
+    return out
+
+
+def intervals(predictions: Sequence[Mapping], versus: str | None = None, n_boot: int = 2000,
+              seed: int = 0) -> dict[str, dict]:
+    """Per method: the normalised score's 95 % paired bootstrap interval, and with ``versus`` the paired
+    difference to that method (interval, share of resamples where this method is ahead)."""
+    import numpy as np
+
+    draws = paired_bootstrap(predictions, n_boot=n_boot, seed=seed)
+    if versus is not None and versus not in draws:
+        raise TablesError(f"--versus {versus!r} is not a method of these predictions; methods: {sorted(draws)}")
+    def ci(x):   # None where no resample counts (every full-cache score 0)
+        x = x[np.isfinite(x)]
+        return [round(float(q), 4) for q in np.quantile(x, [0.025, 0.975])] if x.size else None
+
+    out = {}
+    for m, d in draws.items():
+        row = {"ci95": ci(d)}
+        if versus is not None and m != versus:
+            diff = d - draws[versus]
+            ok = np.isfinite(diff)
+            row.update({"versus": versus, "diff_ci95": ci(diff),
+                        "p_ahead": round(float(np.mean(diff[ok] > 0)), 4) if ok.any() else None})
+        out[m] = row
+    return out
+
+
+def intervals_markdown(iv: Mapping[str, dict], normalised: Mapping[str, float]) -> str:
+    versus = next((r["versus"] for r in iv.values() if "versus" in r), None)
+    head = ["Method", "Normalised", "95 % CI"] + ([f"minus {versus}: 95 % CI", "share ahead"] if versus else [])
+    body = []
+    for m in sorted(iv, key=lambda m: -(normalised.get(m) or 0)):
+        r = iv[m]
+        cells = [m, _fmt(normalised.get(m), 3), "-" if r["ci95"] is None else f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"]
+        if versus:
+            d = r.get("diff_ci95")
+            cells += ["-" if d is None else f"[{d[0]:+.3f}, {d[1]:+.3f}]", _fmt(r.get("p_ahead"))]
+        body.append(cells)
+    return markdown(head, body)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.tables", description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", help="results.jsonl files or run directories")
     ap.add_argument("--reference", default=None, help="add a published row from experiments/reference_scores.json")
     ap.add_argument("--by-length", action="store_true", help="keep each context length as its own task")
     ap.add_argument("--out", default=None, help="directory for tables.md / tables.tex (default: next to the first file)")
+    ap.add_argument("--intervals", action="store_true", help="95 %% paired bootstrap intervals of the normalised "
+                    "score (reads predictions.jsonl beside each results file)")
+    ap.add_argument("--versus", default=None, help="with --intervals: each method's paired difference to this one")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     args = ap.parse_args(argv)
     try:
         rows = read_results(args.results)
@@ -212,6 +289,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_bytes(out / "tables.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     print(md)
     print(f"wrote {out / 'tables.md'}, {out / 'tables.tex'}, {out / 'tables.json'}")
+    if args.intervals:
+        from experiments.lib.reporting import normalised_scores
+
+        try:
+            iv = intervals(read_predictions(args.results), args.versus, seed=args.seed)
+        except TablesError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        ivmd = (f"## Normalised score, 95 % paired bootstrap intervals\n\n"
+                f"{intervals_markdown(iv, normalised_scores(rows))}\n\nEach task at each context length is a task "
+                "row (as `experiments.evaluate` reports it); every method is resampled on the same prompts "
+                f"(2000 resamples, seed {args.seed}).\n")
+        atomic_write_bytes(out / "intervals.md", ivmd.encode())
+        atomic_write_bytes(out / "intervals.json", (json.dumps(iv, indent=2, sort_keys=True) + "\n").encode())
+        print(ivmd)
+        print(f"wrote {out / 'intervals.md'}, {out / 'intervals.json'}")
     print(headline(summary))
     return 0
 

@@ -8,7 +8,9 @@
 # `/worst` over the population, `es/sigma`, the held-out fitness of the mean (`eval/mean_fitness`,
 # every `eval_every` generations) and the fitness details (`fitness/<detail>_mean`, e.g. the kept
 # cache `fitness/kept_fraction_mean`). Incremental stages continue the generation count, so the files
-# of a schedule (i1, i2, i3; or the main job's stats and task stages) join into one curve.
+# of a schedule (i1, i2, i3; or the main job's stats and task stages) join into one curve. The baselines a
+# stage scored on its held-out prompts at its end (`heldout_references` in `train_summary.json`) are drawn as
+# horizontal lines.
 #
 #     NB_METRICS=outputs/namm/smollm2/builtin_i1/metrics.jsonl,outputs/namm/smollm2/builtin_i2/metrics.jsonl \
 #         .venv/bin/python notebooks/evolution_curves.py
@@ -91,7 +93,7 @@ for i, stage in enumerate(stages):
     ax_fit.plot(g, best, color=color, lw=1, label=f"{stage}: best")
     ax_fit.plot(g, mean, color=color, lw=2, label=f"{stage}: mean")
     ge, ev = series("eval/mean_fitness", rs)
-    ax_fit.plot(ge, ev, "D", color=color, mec="black", label=f"{stage}: held-out (ES mean)")
+    ax_fit.plot(ge, ev, "D-" if len(ge) > 1 else "D", color=color, mec="black", label=f"{stage}: held-out (ES mean)")
     ax_sigma.plot(*series("es/sigma", rs), color=color, label=stage)
     if i:
         for ax in axes[0]:
@@ -100,6 +102,17 @@ for i, stage in enumerate(stages):
         for j, key in enumerate(details):
             axes[0, 2].plot(*series(key, rs), color=color, ls=["-", "--", "-.", ":"][j % 4],
                             label=f"{stage}: {key.removeprefix('fitness/')}")
+# The hand-designed baselines on the same held-out prompts under the same fitness (``heldout_references`` in the
+# stage's train_summary.json, written at its end): horizontal lines, as the bar the held-out curve has to clear.
+references = {}
+for path in METRICS:
+    summary_path = path.parent / "train_summary.json"
+    if summary_path.is_file():
+        for name, ref in (json.loads(summary_path.read_text()).get("heldout_references") or {}).items():
+            if name != "namm" and ref.get("fitness") is not None:
+                references[f"{path.parent.name}: {name}"] = float(ref["fitness"])
+for k, (name, value) in enumerate(sorted(references.items())):
+    ax_fit.axhline(value, color=f"C{len(stages) + k}", ls="--", lw=1.2, label=f"{name} (held-out)")
 ax_fit.set(xlabel="generation", ylabel="fitness", title="population fitness (band: worst to best)")
 ax_sigma.set(xlabel="generation", ylabel="sigma", title="CMA-ES step size")
 if details:
@@ -117,7 +130,7 @@ summary = {"files": [str(p) for p in METRICS], "stages": stages,
            **{k: series(f"fitness/{k}")[1] for k in ("best", "mean", "worst")},
            "sigma": series("es/sigma")[1],
            "eval": dict(zip(("generation", "mean_fitness"), series("eval/mean_fitness"))),
-           "details": {k: series(k)[1] for k in details}}
+           "details": {k: series(k)[1] for k in details}, "heldout_references": references}
 (OUT / "evolution_curves.json").write_text(json.dumps(summary, indent=1))
 best_eval = max(summary["eval"]["mean_fitness"], default=None)
 print(f"generations {rows[0]['generation']}-{rows[-1]['generation']}, last mean fitness {summary['mean'][-1]:.4f}, "

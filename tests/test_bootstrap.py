@@ -1,6 +1,7 @@
 """The 95 % bootstrap interval of the normalised score: paired over prompts, seeded, around the point estimate."""
 
 import numpy as np
+import pytest
 
 from experiments.lib import reporting
 
@@ -33,3 +34,56 @@ def test_task_rows_whose_full_cache_scores_zero_are_left_out_as_in_the_point_est
     lo, hi = reporting.bootstrap_normalised(preds, seed=0)["h2o@0.5"]
     assert reporting.normalised_scores(reporting.aggregate(preds))["h2o@0.5"] == 0.5
     assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+
+
+def _pred(task, i, label, score, length=1024):
+    return {"task": task, "length": length, "_id": f"{task}-{i}", "label": label, "policy": label.split("@")[0],
+            "score": score}
+
+
+def test_paired_bootstrap_and_tables_intervals(tmp_path):
+    """Every column is resampled on the same prompts: a policy equal to the full cache has the interval [1, 1], a
+    policy ahead of another on every prompt has a paired difference interval above 0 although their own
+    intervals overlap, and ``python -m experiments.tables --intervals`` writes both."""
+    import json
+
+    import numpy as np
+
+    from experiments import tables
+    from experiments.lib.reporting import normalised_scores, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    preds = []
+    for task in ("passkey", "lcc"):
+        full = rng.uniform(20, 100, 12)
+        for i, (f, b) in enumerate(zip(full, rng.uniform(0, 40, 12))):
+            preds += [_pred(task, i, "full", f), _pred(task, i, "copy@0.5", f),
+                      _pred(task, i, "a@0.5", b + 1), _pred(task, i, "b@0.5", b)]
+    draws = paired_bootstrap(preds, n_boot=500, seed=1)
+    assert set(draws) == {"copy@0.5", "a@0.5", "b@0.5"}
+    np.testing.assert_array_equal(draws["copy@0.5"], 1.0)
+    assert (draws["a@0.5"] > draws["b@0.5"]).all()
+    iv = tables.intervals(preds, versus="b@0.5", n_boot=500, seed=1)
+    assert iv["copy@0.5"]["ci95"] == [1.0, 1.0] and iv["a@0.5"]["p_ahead"] == 1.0
+    assert iv["a@0.5"]["diff_ci95"][0] > 0 and iv["a@0.5"]["ci95"][0] < iv["b@0.5"]["ci95"][1]  # paired vs overlap
+    rows = [{"task": t, "length": 1024, "policy": lab.split("@")[0], "label": lab, "budget": 0.5, "n": 12,
+             "score": float(np.mean([p["score"] for p in preds if p["task"] == t and p["label"] == lab]))}
+            for t in ("passkey", "lcc") for lab in ("full", "copy@0.5", "a@0.5", "b@0.5")]
+    point = normalised_scores(rows)["a@0.5"]
+    assert iv["a@0.5"]["ci95"][0] < point < iv["a@0.5"]["ci95"][1]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    assert tables.main([str(run), "--intervals", "--versus", "b@0.5"]) == 0
+    assert "minus b@0.5" in (run / "intervals.md").read_text()
+    assert json.loads((run / "intervals.json").read_text())["a@0.5"]["p_ahead"] == 1.0
+    # the same prompt under one label scored differently by two runs: an error, not a silent merge
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.jsonl").write_text((run / "results.jsonl").read_text())
+    bad = [dict(p, score=p["score"] + 1) if p["label"] == "a@0.5" else p for p in preds]
+    (other / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in bad))
+    with pytest.raises(tables.TablesError, match="two different runs under one label"):
+        tables.read_predictions([run, other])
+    assert tables.main([str(run), "--intervals", "--versus", "nope"]) == 2

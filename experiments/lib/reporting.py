@@ -162,6 +162,40 @@ def bootstrap_normalised(predictions: Sequence[Mapping], n_boot: int = 2000, see
     return out
 
 
+def paired_bootstrap(predictions: Sequence[Mapping], n_boot: int = 2000, seed: int = 0) -> dict[str, "np.ndarray"]:
+    """Per column, ``n_boot`` bootstrap draws of ``normalised_scores`` (an array ``[n_boot]``), every column on the
+    same draws: each resample draws the prompts of each task row (task at one length) with replacement once, and
+    every policy and the full cache are scored on that one draw. So two columns' draws can be subtracted (a paired
+    difference). A column counts on a task row only the prompts the full cache also ran; a draw whose full-cache
+    mean is 0 leaves that task row out, as ``normalised_scores`` does. Seeded: the same predictions give the same
+    draws."""
+    import numpy as np
+
+    cells: dict[tuple, dict[str, dict[str, float]]] = defaultdict(dict)   # (task, length) -> label -> {_id: score}
+    for p in predictions:
+        cells[(p["task"], p.get("length"))].setdefault(row_label(p), {})[str(p["_id"])] = float(p["score"])
+    rng = np.random.default_rng(seed)
+    sums: dict[str, "np.ndarray"] = {}
+    counts: dict[str, "np.ndarray"] = {}
+    for key in sorted(cells, key=str):
+        by_label = cells[key]
+        ids = sorted(by_label.get(FULL, {}))
+        if not ids:
+            continue
+        pick = rng.integers(0, len(ids), (n_boot, len(ids)))
+        ref = np.asarray([by_label[FULL][i] for i in ids])[pick].mean(1)
+        ok = ref > 0
+        for label, scores in by_label.items():
+            have = np.asarray([i in scores for i in ids])
+            if label == FULL or not have.all():
+                continue          # a column that missed a prompt of this row is not compared on it
+            pol = np.asarray([scores[i] for i in ids])[pick].mean(1)
+            sums[label] = sums.get(label, 0) + np.where(ok, pol / np.where(ok, ref, 1.0), 0.0)
+            counts[label] = counts.get(label, 0) + ok
+    return {label: np.where(counts[label] > 0, sums[label] / np.maximum(counts[label], 1), np.nan)
+            for label in sorted(sums)}
+
+
 def markdown_table(results: Sequence[Mapping], intervals: Mapping[str, tuple[float, float]] | None = None) -> str:
     """Scores (0-100) with tasks as rows and policy@budget as columns, a mean row and a KV row; with
     ``intervals`` (``bootstrap_normalised``) a row of 95 % intervals of the normalised score."""
