@@ -163,9 +163,13 @@ def test_framework_separation():
                       "namm.pretrained": "namm/pretrained/__init__.py", "experiments.lib.cli": "experiments/lib/cli.py"}
     for module in framework_free.values():
         assert not _imports(root / module) & {"jax", "flax", "torch"}, module
-    for path in sorted((root / "namm" / "torch").glob("*.py")):
+    runtime = sorted((root / "namm" / "torch").rglob("*.py")) + sorted((root / "spec_decode" / "torch").rglob("*.py"))
+    assert any(p.parent.name == "baselines" for p in runtime)           # the subpackages are searched too
+    for path in runtime:
         names = _imports(path)
         assert not names & {"jax", "flax", "optax", "evosax"}, path
         other = {n for n in names if n.startswith("namm.") and not n.startswith("namm.torch")}
         assert other <= set(framework_free), (path, other)
-    assert "torch" not in _imports(root / "namm" / "export.py")
+    jax_side = [root / "namm" / "export.py", *sorted((root / "namm" / "baselines").rglob("*.py"))]
+    for path in jax_side:
+        assert "torch" not in {n.split(".")[0] for n in _imports(path)}, path

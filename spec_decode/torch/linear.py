@@ -4,7 +4,7 @@ Verifying a draft runs the target over ``gamma + 1`` tokens at once. On CPU (MKL
 2-16 rows takes a general matrix-multiply path that reads the weight far less efficiently than the
 one-row matrix-vector product, so a 5-token verification of SmolLM2 cost about twice a one-token
 decode step. Computing the same product as ``weight @ x.T`` (the weight as the streamed left
-operand, the few rows as a narrow right operand) reads it faster; ``python -m experiments.bench_verify``
+operand, the few rows as a narrow right operand) reads it faster; ``python -m experiments.bench.verify``
 measures both in the same run. With one thread the gain is 1.2-1.3x per call at 2-5 rows and gone from
 about 7 rows (with two threads it lasts to about 16), hence the default ``max_rows`` of 6.
 
