@@ -14,7 +14,6 @@ Writes ``<runs_root>/<run.name>/``: ``evolution/{latest,best}.npz`` (full ES sta
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any

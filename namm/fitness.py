@@ -1,4 +1,4 @@
-"""Fitness of NAMM candidates: one interface, two backends.
+"""Fitness of NAMM candidates: one interface, three backends (experiments.fitness builds each for a stage).
 
 ``Fitness.evaluate(population [P, D], items [B]) -> fitness [P]`` (higher is better; 1.0 ~ full-cache
 parity). ``items`` index the backend's prompts; all candidates of a generation see the same items.

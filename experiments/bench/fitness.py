@@ -336,7 +336,7 @@ def print_agreement(r: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench.fitness", description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=("agreement", "stats"), default="agreement")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--stats-dir", default="outputs/bench_fitness/kv_stats")
