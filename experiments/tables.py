@@ -13,9 +13,9 @@ task. Markdown and LaTeX are written to ``tables.md`` / ``tables.tex``.
 Scores of the same task at several context lengths are averaged, weighted by prompt count, unless
 ``--by-length`` keeps each length as its own task (``passkey@1024``).
 
-``--intervals`` reads the ``predictions.jsonl`` beside each results file and adds, per method, a 95 % paired
-bootstrap interval of the normalised score (each task row at one length, as ``experiments.evaluate``
-reports it: ``reporting.paired_bootstrap``); ``--versus METHOD`` adds each method's paired difference to
+``--intervals`` reads the ``predictions.jsonl`` beside each results file and gives, per method, the normalised
+score on the prompts every method ran and its 95 % paired bootstrap interval (each task row at one length, as
+``experiments.evaluate`` reports it: ``reporting.paired_bootstrap``); ``--versus METHOD`` adds each method's paired difference to
 that one (interval and the share of resamples where it is ahead). Written to ``intervals.md`` / ``.json``.
 """
 
@@ -220,7 +220,7 @@ def intervals(predictions: Sequence[Mapping], versus: str | None = None, n_boot:
     difference to that method (interval, share of resamples where this method is ahead)."""
     import numpy as np
 
-    draws = paired_bootstrap(predictions, n_boot=n_boot, seed=seed)
+    point, draws, prompts = paired_bootstrap(predictions, n_boot=n_boot, seed=seed)
     if versus is not None and versus not in draws:
         raise TablesError(f"--versus {versus!r} is not a method of these predictions; methods: {sorted(draws)}")
     def ci(x):   # None where no resample counts (every full-cache score 0)
@@ -229,7 +229,8 @@ def intervals(predictions: Sequence[Mapping], versus: str | None = None, n_boot:
 
     out = {}
     for m, d in draws.items():
-        row = {"ci95": ci(d)}
+        row = {"normalised": None if m not in point else round(float(point[m]), 4), "ci95": ci(d),
+               "prompts": prompts[m]}
         if versus is not None and m != versus:
             diff = d - draws[versus]
             ok = np.isfinite(diff)
@@ -239,13 +240,15 @@ def intervals(predictions: Sequence[Mapping], versus: str | None = None, n_boot:
     return out
 
 
-def intervals_markdown(iv: Mapping[str, dict], normalised: Mapping[str, float]) -> str:
+def intervals_markdown(iv: Mapping[str, dict]) -> str:
     versus = next((r["versus"] for r in iv.values() if "versus" in r), None)
-    head = ["Method", "Normalised", "95 % CI"] + ([f"minus {versus}: 95 % CI", "share ahead"] if versus else [])
+    head = ["Method", "Normalised", "95 % CI", "prompts"] + ([f"minus {versus}: 95 % CI", "share ahead"]
+                                                            if versus else [])
     body = []
-    for m in sorted(iv, key=lambda m: -(normalised.get(m) or 0)):
+    for m in sorted(iv, key=lambda m: -(iv[m]["normalised"] or 0)):
         r = iv[m]
-        cells = [m, _fmt(normalised.get(m), 3), "-" if r["ci95"] is None else f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"]
+        cells = [m, _fmt(r["normalised"], 3), "-" if r["ci95"] is None else f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]",
+                 str(r["prompts"])]
         if versus:
             d = r.get("diff_ci95")
             cells += ["-" if d is None else f"[{d[0]:+.3f}, {d[1]:+.3f}]", _fmt(r.get("p_ahead"))]
@@ -290,17 +293,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(md)
     print(f"wrote {out / 'tables.md'}, {out / 'tables.tex'}, {out / 'tables.json'}")
     if args.intervals:
-        from experiments.lib.reporting import normalised_scores
-
         try:
             iv = intervals(read_predictions(args.results), args.versus, seed=args.seed)
         except TablesError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         ivmd = (f"## Normalised score, 95 % paired bootstrap intervals\n\n"
-                f"{intervals_markdown(iv, normalised_scores(rows))}\n\nEach task at each context length is a task "
-                "row (as `experiments.evaluate` reports it); every method is resampled on the same prompts "
-                f"(2000 resamples, seed {args.seed}).\n")
+                f"{intervals_markdown(iv)}\n\nEach task at each context length is a task row (as "
+                "`experiments.evaluate` reports it); on each row only the prompts that the full cache and every "
+                "method ran count (`prompts`: their number over the rows), and every method is resampled on the "
+                f"same prompts (2000 resamples, seed {args.seed}).\n")
         atomic_write_bytes(out / "intervals.md", ivmd.encode())
         atomic_write_bytes(out / "intervals.json", (json.dumps(iv, indent=2, sort_keys=True) + "\n").encode())
         print(ivmd)

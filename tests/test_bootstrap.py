@@ -59,7 +59,8 @@ def test_paired_bootstrap_and_tables_intervals(tmp_path):
         for i, (f, b) in enumerate(zip(full, rng.uniform(0, 40, 12))):
             preds += [_pred(task, i, "full", f), _pred(task, i, "copy@0.5", f),
                       _pred(task, i, "a@0.5", b + 1), _pred(task, i, "b@0.5", b)]
-    draws = paired_bootstrap(preds, n_boot=500, seed=1)
+    point, draws, prompts = paired_bootstrap(preds, n_boot=500, seed=1)
+    assert point["copy@0.5"] == 1.0 and prompts["a@0.5"] == 24
     assert set(draws) == {"copy@0.5", "a@0.5", "b@0.5"}
     np.testing.assert_array_equal(draws["copy@0.5"], 1.0)
     assert (draws["a@0.5"] > draws["b@0.5"]).all()
@@ -69,8 +70,11 @@ def test_paired_bootstrap_and_tables_intervals(tmp_path):
     rows = [{"task": t, "length": 1024, "policy": lab.split("@")[0], "label": lab, "budget": 0.5, "n": 12,
              "score": float(np.mean([p["score"] for p in preds if p["task"] == t and p["label"] == lab]))}
             for t in ("passkey", "lcc") for lab in ("full", "copy@0.5", "a@0.5", "b@0.5")]
-    point = normalised_scores(rows)["a@0.5"]
-    assert iv["a@0.5"]["ci95"][0] < point < iv["a@0.5"]["ci95"][1]
+    assert iv["a@0.5"]["normalised"] == pytest.approx(normalised_scores(rows)["a@0.5"], abs=1e-4)
+    assert iv["a@0.5"]["ci95"][0] < iv["a@0.5"]["normalised"] < iv["a@0.5"]["ci95"][1]
+    # a method that ran only some prompts of a row: every method is compared on those prompts only
+    part = [p for p in preds if not (p["label"] == "b@0.5" and p["task"] == "lcc" and int(p["_id"].split("-")[1]) >= 6)]
+    assert tables.intervals(part, n_boot=50)["a@0.5"]["prompts"] == 12 + 6
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -162,38 +162,49 @@ def bootstrap_normalised(predictions: Sequence[Mapping], n_boot: int = 2000, see
     return out
 
 
-def paired_bootstrap(predictions: Sequence[Mapping], n_boot: int = 2000, seed: int = 0) -> dict[str, "np.ndarray"]:
-    """Per column, ``n_boot`` bootstrap draws of ``normalised_scores`` (an array ``[n_boot]``), every column on the
-    same draws: each resample draws the prompts of each task row (task at one length) with replacement once, and
-    every policy and the full cache are scored on that one draw. So two columns' draws can be subtracted (a paired
-    difference). A column counts on a task row only the prompts the full cache also ran; a draw whose full-cache
-    mean is 0 leaves that task row out, as ``normalised_scores`` does. Seeded: the same predictions give the same
-    draws."""
+def paired_bootstrap(predictions: Sequence[Mapping], n_boot: int = 2000, seed: int = 0
+                     ) -> tuple[dict[str, float], dict[str, "np.ndarray"], dict[str, int]]:
+    """Per column, the normalised score on the prompts every column ran and ``n_boot`` bootstrap draws of it.
+
+    Returns ``(point, draws, prompts)``: ``point[label]`` the mean over task rows (task at one length) of the
+    column's mean score / the full cache's mean score, ``draws[label]`` an array ``[n_boot]``, ``prompts[label]``
+    the prompts counted. Paired: on each task row only the prompts that the full cache and every column with
+    results on that row all ran count, each resample draws them with replacement once, and every column is
+    scored on that one draw, so two columns' draws can be subtracted. A row (or a draw) whose full-cache mean
+    is 0 is left out, as ``normalised_scores`` leaves it out. Seeded: the same predictions give the same draws.
+    """
     import numpy as np
 
     cells: dict[tuple, dict[str, dict[str, float]]] = defaultdict(dict)   # (task, length) -> label -> {_id: score}
     for p in predictions:
         cells[(p["task"], p.get("length"))].setdefault(row_label(p), {})[str(p["_id"])] = float(p["score"])
     rng = np.random.default_rng(seed)
-    sums: dict[str, "np.ndarray"] = {}
-    counts: dict[str, "np.ndarray"] = {}
+    acc: dict[str, list] = defaultdict(lambda: [0.0, 0, 0, 0.0, 0])   # draw sums, draw counts, prompts, point sums, n
     for key in sorted(cells, key=str):
         by_label = cells[key]
-        ids = sorted(by_label.get(FULL, {}))
+        if FULL not in by_label:
+            continue
+        ids = sorted(set.intersection(*(set(v) for v in by_label.values())))
         if not ids:
             continue
         pick = rng.integers(0, len(ids), (n_boot, len(ids)))
-        ref = np.asarray([by_label[FULL][i] for i in ids])[pick].mean(1)
+        full = np.asarray([by_label[FULL][i] for i in ids])
+        ref = full[pick].mean(1)
         ok = ref > 0
         for label, scores in by_label.items():
-            have = np.asarray([i in scores for i in ids])
-            if label == FULL or not have.all():
-                continue          # a column that missed a prompt of this row is not compared on it
-            pol = np.asarray([scores[i] for i in ids])[pick].mean(1)
-            sums[label] = sums.get(label, 0) + np.where(ok, pol / np.where(ok, ref, 1.0), 0.0)
-            counts[label] = counts.get(label, 0) + ok
-    return {label: np.where(counts[label] > 0, sums[label] / np.maximum(counts[label], 1), np.nan)
-            for label in sorted(sums)}
+            if label == FULL:
+                continue
+            pol = np.asarray([scores[i] for i in ids])
+            a = acc[label]
+            a[0] = a[0] + np.where(ok, pol[pick].mean(1) / np.where(ok, ref, 1.0), 0.0)
+            a[1] = a[1] + ok
+            a[2] += len(ids)
+            if full.mean() > 0:
+                a[3] += pol.mean() / full.mean()
+                a[4] += 1
+    point = {label: a[3] / a[4] for label, a in acc.items() if a[4]}
+    draws = {label: np.where(a[1] > 0, a[0] / np.maximum(a[1], 1), np.nan) for label, a in acc.items()}
+    return point, draws, {label: a[2] for label, a in acc.items()}
 
 
 def markdown_table(results: Sequence[Mapping], intervals: Mapping[str, tuple[float, float]] | None = None) -> str:
