@@ -17,9 +17,7 @@ from here under its name (``from namm.baselines import h2o``).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from namm.registry import load_modules
 from namm.baselines.base import (  # noqa: F401  (re-exported: the package's interface)
     BASELINES,
     Array,
@@ -36,8 +34,6 @@ from namm.baselines.base import (  # noqa: F401  (re-exported: the package's int
     resolve_budget,
 )
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
-del _module
+load_modules(__name__, __path__)
+
 globals().update(BASELINES)   # each builder under its name (it shadows the module of the same name)

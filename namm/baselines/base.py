@@ -12,6 +12,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from namm.registry import add as add_to
+from namm.registry import check_budget  # noqa: F401  (the one budget rule, re-exported)
 from namm.policy import Policy, _check_shapes, slot_info
 
 Array = jax.Array
@@ -27,17 +29,6 @@ def init_state(num_kv_heads: int, capacity: int) -> BaselineState:
     return BaselineState(jnp.zeros((num_kv_heads, capacity), jnp.int32),
                          jnp.zeros((num_kv_heads, capacity), bool),
                          jnp.zeros((num_kv_heads, capacity), jnp.float32))
-
-
-def check_budget(budget) -> int | float:
-    """Validate a budget: int >= 1 (tokens) or float in (0, 1] (fraction of tokens seen)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"budget={budget!r}: use a token count (int >= 1) or a fraction (0 < float <= 1)")
-    if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"budget={budget}: a token count must be >= 1")
-    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget={budget}: a fraction must be in (0, 1]; pass an int for a token count")
-    return budget
 
 
 def resolve_budget(budget: int | float, seen: Array) -> Array:
@@ -108,10 +99,7 @@ def register(name: str) -> Callable:
     """Decorator: register ``fn(budget, **knobs) -> Policy`` as baseline ``name``; its signature lists its knobs."""
 
     def add(fn: Callable[..., Policy]) -> Callable[..., Policy]:
-        if name in BASELINES:
-            raise ValueError(f"baseline {name!r} is registered twice ({BASELINES[name].__module__} and "
-                             f"{fn.__module__}); give one of them another name")
-        BASELINES[name] = fn
+        add_to(BASELINES, name, fn)
         return fn
 
     return add

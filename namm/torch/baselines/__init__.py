@@ -17,9 +17,7 @@ loads every module, so ``BASELINES`` maps each name to its class and each class 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from namm.registry import load_modules
 from namm.torch.baselines.base import (  # noqa: F401  (re-exported: the package's interface)
     BASELINES,
     SCHEDULE_KEYS,
@@ -32,10 +30,8 @@ from namm.torch.baselines.base import (  # noqa: F401  (re-exported: the package
     resolve_budget,
 )
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
-del _module
+load_modules(__name__, __path__)
+
 from namm.torch.baselines.full import Full  # noqa: E402,F401  (not registered: see its module)
 
 globals().update({cls.__name__: cls for cls in BASELINES.values()})

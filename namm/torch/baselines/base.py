@@ -13,19 +13,10 @@ from typing import Any
 
 import torch
 
+from namm.registry import add as add_to
+from namm.registry import check_budget  # noqa: F401  (the one budget rule, re-exported)
 from namm.torch.cache import PolicyUpdate, TorchPolicy
 from namm.torch.selection import kept_indices, recent_mask
-
-
-def check_budget(budget) -> int | float:
-    """Validate a budget: int >= 1 (tokens) or float in (0, 1] (fraction of tokens seen)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"budget={budget!r}: use a token count (int >= 1) or a fraction (0 < float <= 1)")
-    if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"budget={budget}: a token count must be >= 1")
-    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget={budget}: a fraction must be in (0, 1]; pass an int for a token count")
-    return budget
 
 
 def resolve_budget(budget: int | float, seen: int) -> int:
@@ -131,11 +122,8 @@ def register(name: str):
     """Class decorator: register a :class:`BaselinePolicy` subclass as baseline ``name`` (it sets ``cls.name``)."""
 
     def add(cls: type[BaselinePolicy]) -> type[BaselinePolicy]:
-        if name in BASELINES:
-            raise ValueError(f"baseline {name!r} is registered twice ({BASELINES[name].__module__} and "
-                             f"{cls.__module__}); give one of them another name")
+        add_to(BASELINES, name, cls)
         cls.name = name
-        BASELINES[name] = cls
         return cls
 
     return add
