@@ -40,6 +40,16 @@ class TablesError(ValueError):
     """Results that cannot be tabulated (missing file, bad row)."""
 
 
+def _jsonl(path: Path):
+    """``(line number, object)`` for each non-empty line of a JSONL file; a broken line is a TablesError."""
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TablesError(f"{path}:{i} is not JSON ({e})") from None
+
+
 def read_results(paths: Iterable[str | Path]) -> list[dict]:
     rows = []
     for path in paths:
@@ -48,13 +58,7 @@ def read_results(paths: Iterable[str | Path]) -> list[dict]:
             path = path / "results.jsonl"
         if not path.exists():
             raise TablesError(f"no results file at {path}; run `python -m experiments.evaluate` first")
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TablesError(f"{path}:{i} is not JSON ({e})") from None
+        for i, row in _jsonl(path):
             missing = {"task", "policy", "score"} - set(row)
             if missing:
                 raise TablesError(f"{path}:{i} lacks {sorted(missing)}; is this a results.jsonl file?")
@@ -196,13 +200,7 @@ def read_predictions(paths: Iterable[str | Path]) -> list[dict]:
         if not pred.exists():
             raise TablesError(f"--intervals needs {pred} (written by python -m experiments.evaluate beside its "
                               "results.jsonl)")
-        for i, line in enumerate(pred.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TablesError(f"{pred}:{i} is not JSON ({e})") from None
+        for i, p in _jsonl(pred):
             key = (p["task"], p.get("length"), row_label(p), str(p["_id"]))
             if key in seen:
                 if seen[key][0] != float(p["score"]):
