@@ -59,7 +59,8 @@ def test_paired_bootstrap_and_tables_intervals(tmp_path):
         for i, (f, b) in enumerate(zip(full, rng.uniform(0, 40, 12))):
             preds += [_pred(task, i, "full", f), _pred(task, i, "copy@0.5", f),
                       _pred(task, i, "a@0.5", b + 1), _pred(task, i, "b@0.5", b)]
-    point, draws, prompts = paired_bootstrap(preds, n_boot=500, seed=1)
+    point, draws, prompts, means = paired_bootstrap(preds, n_boot=500, seed=1)
+    assert means["copy@0.5"] == means["full"] and set(means["a@0.5"]) == {"passkey@1024", "lcc@1024"}
     assert point["copy@0.5"] == 1.0 and prompts["a@0.5"] == 24
     assert set(draws) == {"copy@0.5", "a@0.5", "b@0.5"}
     np.testing.assert_array_equal(draws["copy@0.5"], 1.0)

@@ -166,9 +166,10 @@ def paired_bootstrap(predictions: Sequence[Mapping], n_boot: int = 2000, seed: i
                      ) -> tuple[dict[str, float], dict[str, "np.ndarray"], dict[str, int]]:
     """Per column, the normalised score on the prompts every column ran and ``n_boot`` bootstrap draws of it.
 
-    Returns ``(point, draws, prompts)``: ``point[label]`` the mean over task rows (task at one length) of the
-    column's mean score / the full cache's mean score, ``draws[label]`` an array ``[n_boot]``, ``prompts[label]``
-    the prompts counted. Paired: on each task row only the prompts that the full cache and every column with
+    Returns ``(point, draws, prompts, means)``: ``point[label]`` the mean over task rows (task at one length) of
+    the column's mean score / the full cache's mean score, ``draws[label]`` an array ``[n_boot]``,
+    ``prompts[label]`` the prompts counted, ``means[label]`` its mean score per task row (``passkey@1024``) on
+    them (the full cache included). Paired: on each task row only the prompts that the full cache and every column with
     results on that row all ran count, each resample draws them with replacement once, and every column is
     scored on that one draw, so two columns' draws can be subtracted. A row (or a draw) whose full-cache mean
     is 0 is left out, as ``normalised_scores`` leaves it out. Seeded: the same predictions give the same draws.
@@ -180,6 +181,7 @@ def paired_bootstrap(predictions: Sequence[Mapping], n_boot: int = 2000, seed: i
         cells[(p["task"], p.get("length"))].setdefault(row_label(p), {})[str(p["_id"])] = float(p["score"])
     rng = np.random.default_rng(seed)
     acc: dict[str, list] = defaultdict(lambda: [0.0, 0, 0, 0.0, 0])   # draw sums, draw counts, prompts, point sums, n
+    means: dict[str, dict[str, float]] = defaultdict(dict)
     for key in sorted(cells, key=str):
         by_label = cells[key]
         if FULL not in by_label:
@@ -191,10 +193,13 @@ def paired_bootstrap(predictions: Sequence[Mapping], n_boot: int = 2000, seed: i
         full = np.asarray([by_label[FULL][i] for i in ids])
         ref = full[pick].mean(1)
         ok = ref > 0
+        row = f"{key[0]}@{key[1]}" if key[1] is not None else str(key[0])
+        means[FULL][row] = round(float(full.mean()), 4)
         for label, scores in by_label.items():
             if label == FULL:
                 continue
             pol = np.asarray([scores[i] for i in ids])
+            means[label][row] = round(float(pol.mean()), 4)
             a = acc[label]
             a[0] = a[0] + np.where(ok, pol[pick].mean(1) / np.where(ok, ref, 1.0), 0.0)
             a[1] = a[1] + ok
@@ -204,7 +209,7 @@ def paired_bootstrap(predictions: Sequence[Mapping], n_boot: int = 2000, seed: i
                 a[4] += 1
     point = {label: a[3] / a[4] for label, a in acc.items() if a[4]}
     draws = {label: np.where(a[1] > 0, a[0] / np.maximum(a[1], 1), np.nan) for label, a in acc.items()}
-    return point, draws, {label: a[2] for label, a in acc.items()}
+    return point, draws, {label: a[2] for label, a in acc.items()}, dict(means)
 
 
 def markdown_table(results: Sequence[Mapping], intervals: Mapping[str, tuple[float, float]] | None = None) -> str:
