@@ -298,29 +298,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = [r for r in args.results if not args.intervals or _results_path(r).exists()]
     out = Path(args.out) if args.out else Path(args.results[0]).resolve().parent if Path(args.results[0]).is_file() \
         else Path(args.results[0])
-    out.mkdir(parents=True, exist_ok=True)
-    summary = None
-    if done:
-        try:
+    tasks_by_method = iv = None
+    try:                                        # read and check everything before anything is written
+        if done:
             rows = read_results(done)
             if args.reference:
                 rows += reference_rows(args.reference)
             tasks_by_method = per_task(rows, by_length=args.by_length)
-        except TablesError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        summary = _write_tables(tasks_by_method, out, args.by_length)
-    if args.intervals:
-        try:
+        if args.intervals:
             preds = read_predictions(args.results)
             if args.match:
                 import re
 
                 preds = [p for p in preds if row_label(p) == FULL or re.search(args.match, row_label(p))]
             iv = intervals(preds, args.versus, seed=args.seed)
-        except TablesError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    except TablesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    summary = _write_tables(tasks_by_method, out, args.by_length) if tasks_by_method is not None else None
+    if iv is not None:
         ivmd = (f"## Normalised score, 95 % paired bootstrap intervals\n\n"
                 f"{intervals_markdown(iv)}\n\nEach task at each context length is a task row (as "
                 "`experiments.evaluate` reports it); on each row only the prompts that the full cache and every "
