@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -198,8 +199,9 @@ def read_predictions(paths: Iterable[str | Path]) -> list[dict]:
     seen: dict[tuple, tuple[float, str]] = {}
     out = []
     for path in paths:
-        path = Path(path)
-        pred = (path if path.is_dir() else path.parent) / "predictions.jsonl"
+        if not Path(path).exists():
+            raise TablesError(f"no run directory or results file at {path}")
+        pred = _results_path(path).with_name("predictions.jsonl")
         if not pred.exists():
             raise TablesError(f"--intervals needs {pred} (written by python -m experiments.evaluate beside its "
                               "results.jsonl)")
@@ -308,8 +310,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.intervals:
             preds = read_predictions(args.results)
             if args.match:
-                import re
-
                 preds = [p for p in preds if row_label(p) == FULL or re.search(args.match, row_label(p))]
             iv = intervals(preds, args.versus, seed=args.seed)
     except TablesError as e:

@@ -92,3 +92,5 @@ def test_paired_bootstrap_and_tables_intervals(tmp_path):
     with pytest.raises(tables.TablesError, match="two different runs under one label"):
         tables.read_predictions([run, other])
     assert tables.main([str(run), "--intervals", "--versus", "nope"]) == 2
+    with pytest.raises(tables.TablesError, match=r"no run directory or results file at .*missing"):
+        tables.read_predictions([tmp_path / "missing"])

@@ -163,7 +163,8 @@ def bootstrap_normalised(predictions: Sequence[Mapping], n_boot: int = 2000, see
 
 
 def paired_bootstrap(predictions: Sequence[Mapping], n_boot: int = 2000, seed: int = 0
-                     ) -> tuple[dict[str, float], dict[str, "np.ndarray"], dict[str, int]]:
+                     ) -> tuple[dict[str, float], dict[str, "np.ndarray"], dict[str, int],
+                                dict[str, dict[str, float]]]:
     """Per column, the normalised score on the prompts every column ran and ``n_boot`` bootstrap draws of it.
 
     Returns ``(point, draws, prompts, means)``: ``point[label]`` the mean over task rows (task at one length) of
