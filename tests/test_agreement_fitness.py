@@ -144,3 +144,49 @@ def test_prompt_store_gives_bit_identical_fitness_and_prefills_once(tiny_llama, 
         _fitness(tiny_llama, rows, store_dir=store, refresh_every=2)
     with pytest.raises(AgreementFitnessError, match="needs fitness.store_dir"):
         _fitness(tiny_llama, rows)[0].prepare([0])
+
+
+def test_gold_target_reads_the_reference_answer_probability(tiny_llama, rows, one_torch_thread):
+    """``target=gold``: with every token kept the measure is the full model's mean probability of each reference
+    token given the ones before it (teacher forcing), and ``token_match`` its argmax accuracy; a candidate is the
+    same through the runtime policy as through the shared prefill."""
+    fit, cfg = _fitness(tiny_llama, rows, budget=1.0, target="gold")
+    model, tok = tiny_llama
+    f = fit.evaluate(np.zeros((1, num_params(cfg)), np.float32), [0, 1])
+    probs, matches = [], []
+    for i in (0, 1):
+        compressed, after = fit._split(i)
+        gold = fit._gold_ids(i)
+        assert tok.decode(gold).strip() == str(rows[i]["answers"][0])[: len(tok.decode(gold).strip())]
+        seq = compressed + after + gold
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq[:-1]])).logits[0].double()
+        first = len(compressed) + len(after) - (1 if after else 0)   # the prefill's last logits are not scored
+        pos = torch.arange(first, len(seq) - 1)
+        p = torch.softmax(logits[pos], -1)
+        targets = torch.tensor(seq)[pos + 1]
+        probs.append(p[torch.arange(len(pos)), targets].mean().item())
+        matches.append((p.argmax(-1) == targets).double().mean().item())
+    np.testing.assert_allclose(f, [np.mean(probs)], rtol=0, atol=_acceptance_atol(tiny_llama, fit))
+    np.testing.assert_allclose(fit.last_details["token_match"][0], np.mean(matches), rtol=0, atol=1e-12)
+    small, cfg = _fitness(tiny_llama, rows, target="gold")
+    pop = 0.3 * np.random.default_rng(2).standard_normal((2, num_params(cfg))).astype(np.float32)
+    got = small.evaluate(pop, [0, 1])
+    for k in range(2):
+        assert small.evaluate_policy(small.policy_for(pop[k]), [0, 1])["fitness"] == pytest.approx(
+            float(got[k]), rel=0, abs=_acceptance_atol(tiny_llama, small))
+    full, _ = _fitness(tiny_llama, rows, target="full")
+    assert np.abs(full.evaluate(pop, [0, 1]) - got).min() > 100 * _acceptance_atol(tiny_llama, fit)  # another target
+
+
+def test_bad_targets_are_refused(tiny_llama, rows):
+    from experiments.fitness.agreement import AgreementFitnessError
+
+    with pytest.raises(AgreementFitnessError, match=r"fitness.target='reference'; use full .* or gold"):
+        _fitness(tiny_llama, rows, target="reference")
+    with pytest.raises(AgreementFitnessError, match="target=gold serves no refresh"):
+        _fitness(tiny_llama, rows, target="gold", refresh_every=2)
+    unanswered = [dict(r, answers=[]) for r in rows]
+    fit, cfg = _fitness(tiny_llama, unanswered, target="gold")
+    with pytest.raises(AgreementFitnessError, match="has no reference answer; use fitness.target=full"):
+        fit.evaluate(np.zeros((1, num_params(cfg)), np.float32), [0])

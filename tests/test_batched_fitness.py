@@ -72,15 +72,16 @@ def _near_tie_only(ref_keep, keep, ref_scores, sel_k):
     return bool(near[diff].all())
 
 
-@pytest.mark.parametrize("mode,threshold,scorer,compress", [
-    ("ragged_max", -1e30, None, True),                       # the paper's ranking under the cap
-    ("masked", 0.0, None, True),                             # per-head thresholds: heads keep different counts
-    ("ragged_max", 0.0, ScorerConfig(num_heads=2), False),   # two BAM heads, the question fed after the eviction
-    ("ragged_max", -1e30, ScorerConfig(kind="mlp", mlp_depth=2, mlp_bias=True), True),  # the MLP ablation
+@pytest.mark.parametrize("mode,threshold,scorer,compress,target", [
+    ("ragged_max", -1e30, None, True, "full"),                       # the paper's ranking under the cap
+    ("masked", 0.0, None, True, "full"),                             # per-head thresholds: heads keep different counts
+    ("ragged_max", 0.0, ScorerConfig(num_heads=2), False, "full"),   # two BAM heads, the question after the eviction
+    ("ragged_max", -1e30, ScorerConfig(kind="mlp", mlp_depth=2, mlp_bias=True), True, "full"),  # the MLP ablation
+    ("ragged_max", -1e30, None, False, "gold"),                      # the reference answer as the tail
 ])
-def test_batched_equals_unbatched(tiny_llama, rows, mode, threshold, scorer, compress, one_torch_thread):
+def test_batched_equals_unbatched(tiny_llama, rows, mode, threshold, scorer, compress, target, one_torch_thread):
     cfg = _cfg(mode, threshold, scorer)
-    ref, bat = _pair(tiny_llama, rows, cfg, compress_question=compress, pop_chunk=3)
+    ref, bat = _pair(tiny_llama, rows, cfg, compress_question=compress, pop_chunk=3, target=target)
     assert bat.batched and not ref.batched
     pop = 0.3 * np.random.default_rng(1).standard_normal((7, num_params(cfg))).astype(np.float32)
     f_ref, f_bat = ref.evaluate(pop, [0, 1]), bat.evaluate(pop, [0, 1])

@@ -166,6 +166,9 @@ def test_long_agreement_stage_starts_from_a_policy_and_fills_its_prompt_store(st
     s = train(_cfg(tmp_path, "builtin_agree_long", *common))
     assert s["fitness"] == "agreement" and s["generation"] == 1 and s["train_prompts"] == 3
     assert len(list((tmp_path / "agreement_prompts").glob("*.safetensors"))) == 4   # nothing stored twice
+    gold = train(_cfg(tmp_path, "builtin_gold_long", *common))    # the reference-answer target, the same store
+    assert gold["generation"] == 1 and gold["train_prompts"] == 3 and gold["last_train_fitness_mean"] != s["last_train_fitness_mean"]
+    assert len(list((tmp_path / "agreement_prompts").glob("*.safetensors"))) == 4
     _, _, (mean, var), _ = load_pretrained(policy)
     norm = json.loads((tmp_path / "builtin_agree_long" / "evolution" / "norm_stats.json").read_text())
     np.testing.assert_array_equal(np.asarray(norm["mean"], np.float32), mean)

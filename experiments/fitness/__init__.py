@@ -35,7 +35,7 @@ BACKENDS = ("stats", "task", "agreement")
 # The keys each runtime backend takes (``stats`` checks its own: ``namm.fitness.StatsFitnessConfig``).
 RUNTIME_FITNESS_KEYS = {"task": {"compress_question", "max_new_tokens"},
                         "agreement": {"policy_budget", "compress_question", "max_answer_tokens", "cache_prompts",
-                                      "refresh_every", "refresh_window", "batched", "pop_chunk", "store_dir"}}
+                                      "refresh_every", "refresh_window", "batched", "pop_chunk", "store_dir", "target"}}
 
 
 def check_config(fit_name, fit_cfg: dict) -> None:
@@ -111,7 +111,7 @@ def build(fit_name: str, fit_cfg: dict, cfg, *, model, tokenizer, rows, train_id
                       cache_prompts=bool(fit_cfg.get("cache_prompts", True)),
                       refresh_every=fit_cfg.get("refresh_every"), refresh_window=fit_cfg.get("refresh_window", 16),
                       batched=fit_cfg.get("batched"), pop_chunk=fit_cfg.get("pop_chunk", 16),
-                      store_dir=fit_cfg.get("store_dir"),
+                      store_dir=fit_cfg.get("store_dir"), target=fit_cfg.get("target", "full"),
                       answers_path=out_dir / "full_cache_answers.json", progress=bool(cfg.get("progress", True)))
     common.update(chat=chat, max_context=max_context)
     train_fit = Fitness(model, tokenizer, [rows[i] for i in train_idx], namm_cfg, norm, **common)

@@ -20,6 +20,16 @@ is reproduced (reported as ``token_match``). With the question inside compressio
 answer token comes from the prefill logits, before the eviction, and is not scored. Fitness: the
 unweighted mean over tasks of the mean over the task's prompts.
 
+Target (``target``): ``full`` (default) measures against the full cache's own greedy answer, as above;
+``gold`` against the row's reference answer instead (its first, tokenised as the prompt's continuation, at most
+``max_answer_tokens``): the reference is fed through the compressed cache and each scored position's target is
+the one-hot of the next reference token, so the measure reads the mean probability the compressed-cache model
+gives the reference (and ``token_match`` its teacher-forced accuracy). The full-cache answer rewards
+reproducing a wrong answer as much as a right one; the reference rewards what the task metric grades. Its
+first token, like the full answer's, comes from the prefill logits and is not scored. The prompt store is
+shared by both targets (a prompt is stored under its full-cache answer; the reference tail replaces it on
+loading), so ``gold`` still computes the full-cache answer of a prompt the store lacks. No refresh.
+
 Refresh (``refresh_every=R``, ``refresh_window=W``): the draft cache of refreshed self-speculation
 (``spec_decode.torch.self_spec.SelfSpecProposer`` with the same keys). After every R answer tokens the
 compressed cache is re-selected from the full cache (prompt and answer so far) by the policy, from the
@@ -57,7 +67,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +76,9 @@ from namm.config import NAMMConfig
 from namm.shards import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+
+TARGETS = ("full", "gold")   # what the answer positions are measured against (module docstring)
 
 
 class AgreementFitnessError(ValueError):
@@ -105,7 +118,7 @@ class AgreementFitness:
                  cache_prompts: bool = True, answers_path: str | Path | None = None,
                  templates: Mapping[str, str] | None = None, progress: bool = False,
                  refresh_every: int | None = None, refresh_window: int = 16, batched: bool | None = None,
-                 pop_chunk: int = 16, store_dir: str | Path | None = None):
+                 pop_chunk: int = 16, store_dir: str | Path | None = None, target: str = "full"):
         from experiments.extract import eos_ids
         from experiments.tasks import build_prompts
         from namm.torch.selection import budget_tokens
@@ -129,6 +142,14 @@ class AgreementFitness:
             raise AgreementFitnessError(f"fitness.refresh_window={refresh_window!r}; use an int >= 1 (the full "
                                         "cache's last queries a refresh reads)")
         self.refresh_every, self.refresh_window = refresh_every, refresh_window
+        if target not in TARGETS:
+            raise AgreementFitnessError(f"fitness.target={target!r}; use full (reproduce the full-cache answer) or "
+                                        "gold (predict the reference answer)")
+        if target == "gold" and refresh_every is not None:
+            raise AgreementFitnessError(f"fitness.target=gold serves no refresh (fitness.refresh_every="
+                                        f"{refresh_every}: a refresh re-selects along the full-cache answer); set "
+                                        "refresh_every: null or target: full")
+        self.target = target
         if batched is not None and not isinstance(batched, bool):
             raise AgreementFitnessError(f"fitness.batched={batched!r}; use null (batched unless refresh_every is "
                                         "set), true or false")
@@ -236,13 +257,54 @@ class AgreementFitness:
         return cache
 
     def _prepare(self, i: int) -> _Shared:
+        """The shared state of prompt ``i`` (kept in memory with ``cache_prompts``), its tail the target's."""
+        if i in self._shared:
+            return self._shared[i]
+        shared = self._prepare_full(i)
+        if self.target == "gold":
+            shared = self._gold(i, shared)
+        if self.cache_prompts:
+            self._shared[i] = shared
+        return shared
+
+    def _gold_ids(self, i: int) -> list[int]:
+        """The row's first reference answer, tokenised as the continuation of the prompt (a space first where the
+        prompt ends in none and the answer starts with none), at most the task's token limit / max_answer_tokens."""
+        from experiments.tasks import get_spec
+
+        row, p = self.rows[i], self.prompts[i]
+        answers = row.get("answers") or []
+        if not answers or not str(answers[0]):
+            raise AgreementFitnessError(f"fitness.target=gold: prompt {row['dataset']}/{row['_id']} has no reference "
+                                        "answer; use fitness.target=full or tasks with answers")
+        text = str(answers[0])
+        if not text[0].isspace() and not self.tokenizer.decode(p.ids[-1:])[-1:].isspace():
+            text = " " + text
+        spec = get_spec(row["dataset"])
+        n = spec.max_new_tokens if self.max_answer_tokens is None else min(spec.max_new_tokens, self.max_answer_tokens)
+        return self.tokenizer.encode(text, add_special_tokens=False)[:n]
+
+    def _gold(self, i: int, shared: _Shared) -> _Shared:
+        """``shared`` with the reference answer as its tail: the target distribution of every scored position is
+        the one-hot of the next reference token, so the acceptance measure reads p_cache(reference token)."""
+        import torch
+
+        _, after = self._split(i)
+        seq = after + self._gold_ids(i)
+        tail = torch.tensor([seq[:-1]], dtype=torch.long, device=shared.tail.device)
+        scored = slice(len(after) - 1 if after else 0, tail.shape[1])
+        targets = torch.tensor(seq[scored.start + 1:], dtype=torch.long, device=tail.device)
+        p_gold = torch.zeros(len(targets), shared.p_full.shape[-1], dtype=torch.float64, device=tail.device)
+        p_gold[torch.arange(len(targets)), targets] = 1.0
+        return replace(shared, tail=tail, scored=scored, p_full=p_gold)
+
+    def _prepare_full(self, i: int) -> _Shared:
+        """The shared state of prompt ``i`` with the full-cache answer as its tail: from the store, or computed."""
         import torch
 
         from namm.torch.cache import FullPolicy, RecentQueries
         from namm.torch.generate import prefill
 
-        if i in self._shared:
-            return self._shared[i]
         device = next(self.model.parameters()).device
         compressed, after = self._split(i)
         if not compressed:
@@ -255,10 +317,7 @@ class AgreementFitness:
         if self.store_dir is not None:
             path = self.store_dir / f"{self._store_key(compressed, tail, scored)}.safetensors"
             if path.exists():
-                shared = self._load_shared(path, device)
-                if self.cache_prompts:
-                    self._shared[i] = shared
-                return shared
+                return self._load_shared(path, device)
         tap = self._tap()
         cache = tap.make_cache(self.model)
         with torch.no_grad():
@@ -290,8 +349,6 @@ class AgreementFitness:
         if path is not None:    # every visit, the first included, runs on the stored copy (bit-identical runs)
             self._save_shared(path, shared)
             shared = self._load_shared(path, device)
-        if self.cache_prompts:
-            self._shared[i] = shared
         return shared
 
     def prepare(self, items: Sequence[int], desc: str = "prompt store") -> int:
