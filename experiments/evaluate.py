@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.lib import reporting
+from experiments.lib.cli import policy_yaml
 from namm.shards import atomic_write_json
 from experiments.tasks import (TaskError, build_prompts, get_spec, load_task, load_templates, score_prediction)
 
@@ -42,12 +43,10 @@ def _plain(cfg) -> Any:
 
 def load_policy_cfg(name: str) -> dict:
     """``configs/policy/<name>.yaml`` as a dict."""
-    path = POLICY_DIR / f"{name}.yaml"
-    if not path.is_file():
+    cfg = policy_yaml(name)
+    if cfg is None:
         known = ", ".join(sorted(p.stem for p in POLICY_DIR.glob("*.yaml")))
         raise EvaluateError(f"compare lists unknown policy {name!r}; use names from configs/policy: {known}")
-    cfg = _plain(OmegaConf.load(path))
-    cfg.pop("defaults", None)
     cfg.setdefault("name", name)
     return cfg
 

@@ -13,6 +13,18 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
+def policy_yaml(name: str) -> dict | None:
+    """``configs/policy/<name>.yaml`` as a plain dict (its ``defaults`` list dropped), or None where there is none."""
+    from omegaconf import OmegaConf
+
+    path = CONFIG_DIR / "policy" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    cfg.pop("defaults", None)
+    return cfg
+
+
 # Bad input (a missing asset, a policy or draft for another model, a config typo).
 USER_ERRORS = (("experiments.lib.models", "ModelSpecError"), ("experiments.lib.assets", "AssetError"),
                ("experiments.tasks", "TaskError"), ("namm.torch.policies", "PolicyConfigError"),

@@ -226,10 +226,9 @@ def load_norm_file(path: str | Path):
 
 def policy_knobs(name: str) -> dict:
     """Knobs of ``configs/policy/<name>.yaml`` (what experiments.evaluate uses at test time)."""
-    from omegaconf import OmegaConf
+    from experiments.lib.cli import policy_yaml
 
-    path = CONFIGS / "policy" / f"{name}.yaml"
-    d = dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True)) if path.exists() else {}
+    d = policy_yaml(name) or {}
     d.pop("name", None)
     d.pop("budget", None)
     return {k: v for k, v in d.items() if v is not None}
