@@ -56,6 +56,8 @@ class FeatureConfig:
     chunk_size: int = 128          # prefill chunk size (update_interval must be a multiple of it)
     norm_eps: float = 1e-7         # x <- (x - mean) / max(sqrt(var), norm_eps)
     output: str = "magnitude"      # "magnitude" (|STFT|, n_fft//2+1 dims) or "real_imag" (2x that)
+    pool_kernel: int = 0           # 0: off (the paper). Odd k >= 3: append the normalised spectrogram max-pooled
+                                   # over k chronologically neighbouring cached tokens (spec_dim more features)
 
     def __post_init__(self):
         if self.n_fft < 2 or self.hop < 1 or self.hop > self.n_fft:
@@ -72,6 +74,9 @@ class FeatureConfig:
             raise ConfigError(
                 f"features.update_interval={self.update_interval} must be a multiple of hop={self.hop} "
                 f"and chunk_size={self.chunk_size}")
+        if isinstance(self.pool_kernel, bool) or self.pool_kernel < 0 or (self.pool_kernel and (
+                self.pool_kernel < 3 or self.pool_kernel % 2 == 0)):
+            raise ConfigError(f"features.pool_kernel={self.pool_kernel}; use 0 (off) or an odd number >= 3")
         if self.max_age < 1 or self.norm_eps <= 0:
             raise ConfigError("features: max_age must be >= 1 and norm_eps > 0")
 
@@ -80,6 +85,11 @@ class FeatureConfig:
         """Spectrogram feature size: n_fft//2 + 1 bins (x2 for real_imag)."""
         bins = self.n_fft // 2 + 1
         return bins if self.output == "magnitude" else 2 * bins
+
+    @property
+    def token_dim(self) -> int:
+        """Per-token feature size: age_dim + spec_dim, + spec_dim again with neighbour pooling."""
+        return self.age_dim + self.spec_dim * (2 if self.pool_kernel else 1)
 
     @property
     def context(self) -> int:
@@ -167,8 +177,8 @@ class NAMMConfig:
 
     @property
     def feature_dim(self) -> int:
-        """Per-token feature size: age_dim + spectrogram bins (8 + 17 = 25 by default)."""
-        return self.features.age_dim + self.features.spec_dim
+        """Per-token feature size: age_dim + spectrogram bins (8 + 17 = 25 by default; 42 with ``pool_kernel``)."""
+        return self.features.token_dim
 
     def to_dict(self) -> dict:
         return {"features": self.features.to_dict(), "scorer": self.scorer.to_dict(),

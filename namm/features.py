@@ -283,3 +283,39 @@ def token_features(attention_rows: Array, left_context: Array, ema_old: Array, i
     x = ema if norm is None else normalize(ema, norm.mean, norm.var, c.norm_eps)
     feats = jnp.concatenate([age_embedding(recency, c), x], axis=-1)       # [H, N, F]
     return feats, ema, next_ctx
+
+
+# --------------------------------------------------------------------------------------------
+# Neighbour pooling (an extension, off in the paper's configuration)
+# --------------------------------------------------------------------------------------------
+
+def neighbour_max(x: Array, order: Array, valid: Array, kernel: int) -> Array:
+    """``x [..., N, D]`` max-pooled over the ``kernel`` chronologically nearest valid slots of each token.
+
+    order ``[..., N]`` (absolute positions; valid slots distinct), valid ``[..., N]``. Slots are sorted by
+    position (invalid ones last), each valid token takes the element-wise max over itself and the
+    ``kernel // 2`` valid tokens on either side in that order, and the result goes back to slot order;
+    invalid slots get 0. With one eviction at the end of a prefill this is SnapKV's pooling over positions.
+    """
+    half = kernel // 2
+    key = jnp.where(valid, order, jnp.iinfo(jnp.int32).max)
+    perm = jnp.argsort(key, axis=-1, stable=True)
+    xs = jnp.take_along_axis(x.astype(jnp.float32), perm[..., None], axis=-2)
+    vs = jnp.take_along_axis(valid, perm, axis=-1)
+    xs = jnp.where(vs[..., None], xs, -jnp.inf)
+    pad = [(0, 0)] * (xs.ndim - 2) + [(half, half), (0, 0)]
+    padded = jnp.pad(xs, pad, constant_values=-jnp.inf)
+    n = xs.shape[-2]
+    pooled = functools.reduce(jnp.maximum, [padded[..., i:i + n, :] for i in range(kernel)])
+    out = jnp.take_along_axis(pooled, jnp.argsort(perm, axis=-1)[..., None], axis=-2)
+    return jnp.where(valid[..., None], out, 0.0)
+
+
+def with_pooled(feats: Array, order: Array, valid: Array, cfg) -> Array:
+    """``[..., N, age + S] -> [..., N, age + 2S]``: the spectrogram part max-pooled (``neighbour_max``) appended;
+    ``feats`` unchanged when ``pool_kernel`` is 0."""
+    c = _fcfg(cfg)
+    if not c.pool_kernel:
+        return feats
+    order = jnp.broadcast_to(order, valid.shape)
+    return jnp.concatenate([feats, neighbour_max(feats[..., c.age_dim:], order, valid, c.pool_kernel)], axis=-1)

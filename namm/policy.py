@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from namm.config import NAMMConfig
-from namm.features import NormParams, NormStats, token_features
+from namm.features import NormParams, NormStats, token_features, with_pooled
 from namm.scoring import score_tokens
 from namm.selection import budget_cap, select
 
@@ -121,6 +121,7 @@ def update(params_flat: Array, norm_stats, state: PolicyState, attention_rows: A
     pos, is_new, recency, newest = slot_info(state, positions, valid)
     feats, ema, ctx = token_features(attention_rows, state.left_context, state.ema, is_new, recency,
                                      _as_norm(norm_stats), cfg)            # [H, C, F], [H, C, S], [H, C, ctx]
+    feats = with_pooled(feats, pos, valid, cfg)                         # + pooled spectrogram if pool_kernel
     scores = score_tokens(params_flat, cfg, feats, valid, order=pos)     # [H, C]
     cap = None if budget is None else budget_cap(budget, jnp.max(jnp.where(valid, pos, -1)) + 1)
     keep = select(scores, valid, newest, cfg.selection, cap)             # [H, C]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 from typing import Mapping
 
 import flax.linen as nn
@@ -212,6 +213,30 @@ def flatten(named: Mapping[str, Array], cfg: NAMMConfig | None = None) -> Array:
             if tuple(np.shape(named[n])) != shape:
                 raise ValueError(f"flatten: {n} has shape {tuple(np.shape(named[n]))}, config needs {shape}")
     return jnp.concatenate([jnp.ravel(jnp.asarray(named[n], jnp.float32)) for n in names])
+
+
+def widen_features(flat, cfg_from: NAMMConfig, cfg_to: NAMMConfig) -> np.ndarray:
+    """Parameters of ``cfg_from`` as parameters of ``cfg_to``, whose features are ``cfg_from``'s plus appended ones
+    (``features.pool_kernel`` switched on): the weights of the new inputs (and, in BAM, of the new additive and
+    gate outputs) are zero, so every token scores exactly as before. Flat ``[P_from]`` -> ``[P_to]`` (numpy)."""
+    f0, f1 = cfg_from.feature_dim, cfg_to.feature_dim
+    same = cfg_from.scorer == cfg_to.scorer and replace(cfg_from.features, pool_kernel=0) == replace(
+        cfg_to.features, pool_kernel=0)
+    if not same or f1 < f0:
+        raise ValueError("widen_features: the configs must differ only in features.pool_kernel (off -> on)")
+    if cfg_to.scorer.kind == "mlp" and cfg_to.scorer.mlp_depth > 1 and cfg_to.scorer.mlp_width is None:
+        raise ValueError("widen_features: an MLP whose hidden width follows the feature size cannot be widened; "
+                         "set scorer.mlp_width")
+    old = {k: np.asarray(v, np.float32) for k, v in unflatten(jnp.asarray(flat, jnp.float32), cfg_from).items()}
+    new = {}
+    for name, shape in param_layout(cfg_to):
+        w, o = np.zeros(shape, np.float32), old[name]
+        if name.startswith("bam.out."):      # output columns [r (F) | g (F)]: each block keeps its first f0
+            w[..., :f0], w[..., f1:f1 + f0] = o[..., :f0], o[..., f0:]
+        else:                                # input rows (weights of the first layers), or unchanged shapes
+            w[tuple(slice(0, d) for d in o.shape)] = o
+        new[name] = w
+    return np.asarray(flatten(new, cfg_to), np.float32)
 
 
 def to_flax(named: Mapping[str, Array], cfg: NAMMConfig) -> dict:

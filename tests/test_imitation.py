@@ -58,3 +58,16 @@ def test_bad_settings_are_refused_in_one_line(init_policy, tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     assert _run(init_policy, tmp_path / "c", "--budget", "1.0") == 2  # the teacher keeps every token
     assert "nothing to rank" in capsys.readouterr().err
+
+
+def test_pool_kernel_widens_the_init_and_exports_a_pooled_policy(init_policy, tmp_path, one_torch_thread, capsys):
+    from namm.torch.policy import NAMMPolicy
+
+    assert _run(init_policy, tmp_path / "p", "--pool-kernel", "5") == 0
+    r = json.loads((tmp_path / "p" / "imitation.json").read_text())
+    fitted = r["policies"]["NAMM fitted to snapkv"]
+    assert fitted["overlap_train"] > r["policies"][f"NAMM {init_policy} (initial)"]["overlap_train"]
+    assert NAMMPolicy.from_pretrained(r["export_dir"]).cfg.features.pool_kernel == 5
+    capsys.readouterr()
+    assert _run(init_policy, tmp_path / "q", "--pool-kernel", "4") == 2
+    assert "pool_kernel" in capsys.readouterr().err

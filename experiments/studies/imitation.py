@@ -13,6 +13,8 @@ training-split prompts (``--tasks``, ``--context-length``, ``--task-seed``; seed
    recorded (``AgreementFitness``' shared state, the features every candidate is scored from).
 2. The teacher (``--teacher``, a runtime baseline with its ``configs/policy`` knobs, one eviction at the end of
    the prefill, the same cap) prefills the same prompt; its keep decision per layer and KV head is the label.
+   With ``--pool-kernel K`` the features also carry their max over K chronological neighbours
+   (``features.pool_kernel``; the init's parameters widened with zero weights for them, ``widen_features``).
 3. The scorer (BAM or MLP, ``namm.scoring.score_tokens``, JAX) is fitted from ``--init``'s parameters with optax
    Adam on a pairwise ranking loss, ``softplus(s_evicted - s_kept)`` over ``--pairs`` random (kept, evicted)
    pairs per layer and head, ``--batch`` (prompt, layer) instances a step, on the training prompts.
@@ -57,6 +59,26 @@ def teacher_config(name: str, budget) -> dict:
     knobs = {k: v for k, v in (policy_yaml(name) or {}).items() if k not in ("name", "budget") and v is not None}
     knobs.update(update_interval=0, final_update=True)
     return {"name": name, "budget": budget, **knobs}
+
+
+def with_pool_kernel(flat, cfg, kernel, name):
+    """``--pool-kernel``: the init's parameters and config with neighbour-pooled features switched on (the new
+    inputs' weights zero, so the scorer starts where the init is); unchanged when ``kernel`` is None or the same."""
+    from dataclasses import replace
+
+    from namm.config import ConfigError
+    from namm.scoring import widen_features
+
+    if kernel is None or kernel == cfg.features.pool_kernel:
+        return flat, cfg
+    if cfg.features.pool_kernel:
+        raise ImitationError(f"--init {name} already pools over {cfg.features.pool_kernel} neighbours; "
+                             f"drop --pool-kernel or give it {cfg.features.pool_kernel}")
+    try:
+        wide = replace(cfg, features=replace(cfg.features, pool_kernel=int(kernel)))
+    except ConfigError as e:
+        raise ImitationError(f"--pool-kernel {kernel}: {e}") from None
+    return widen_features(flat, cfg, wide), wide
 
 
 def runtime_keeps(model, policy, ids, shared_features) -> list:
@@ -209,6 +231,7 @@ def run_study(a) -> dict:
     flat0, cfg, norm, meta = load_pretrained(resolve(a.init))
     if flat0.ndim != 1:
         raise ImitationError(f"--init {a.init} has per-layer parameters; the study fits a shared scorer")
+    flat0, cfg = with_pool_kernel(flat0, cfg, a.pool_kernel, a.init)
     budget = a.budget if a.budget is not None else meta.get("trained_budget")
     if budget is None:
         raise ImitationError(f"--init {a.init} has no trained cap; give --budget (e.g. 0.5)")
@@ -282,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 | tiny_random | a local dir")
     ap.add_argument("--init", default="smollm2-gold-long", help="the NAMM to start from (bundled name or directory)")
+    ap.add_argument("--pool-kernel", type=int, default=None,
+                    help="switch on neighbour-pooled features (features.pool_kernel, an odd k >= 3) for the fit")
     ap.add_argument("--teacher", default="snapkv", help="the baseline whose keep decisions are fitted")
     ap.add_argument("--compare", default="snapkv,h2o,streamingllm", help="baselines also measured on held-out")
     ap.add_argument("--budget", type=float, default=None, help="cap (fraction); default the policy's trained cap")

@@ -259,3 +259,29 @@ __all__ = [
     "token_features",
     "window",
 ]
+
+
+def neighbour_max(x: torch.Tensor, order: torch.Tensor, valid: torch.Tensor, kernel: int) -> torch.Tensor:
+    """As ``namm.features.neighbour_max``: ``x [..., N, D]`` max-pooled over the ``kernel`` chronologically nearest
+    valid slots (order ``[..., N]`` positions, valid ``[..., N]``); invalid slots get 0."""
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(valid, order.long(), torch.full_like(order, big, dtype=torch.long))
+    perm = key.argsort(dim=-1, stable=True)
+    xs = torch.gather(x.float(), -2, perm[..., None].expand(x.shape))
+    vs = torch.gather(valid, -1, perm)
+    xs = xs.masked_fill(~vs[..., None], float("-inf"))
+    lead, n, d = xs.shape[:-2], xs.shape[-2], xs.shape[-1]
+    flat = xs.reshape(-1, n, d).transpose(1, 2)                                 # [B', D, N]
+    pooled = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    pooled = pooled.transpose(1, 2).reshape(*lead, n, d)
+    out = torch.empty_like(pooled).scatter_(-2, perm[..., None].expand(pooled.shape), pooled)
+    return out.masked_fill(~valid[..., None], 0.0)
+
+
+def with_pooled(feats: torch.Tensor, order: torch.Tensor, valid: torch.Tensor, cfg) -> torch.Tensor:
+    """As ``namm.features.with_pooled``: the pooled spectrogram part appended when ``pool_kernel`` is set."""
+    c = _fcfg(cfg)
+    if not c.pool_kernel:
+        return feats
+    order = order.expand(valid.shape)
+    return torch.cat([feats, neighbour_max(feats[..., c.age_dim:], order, valid, c.pool_kernel)], dim=-1)

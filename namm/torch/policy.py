@@ -292,6 +292,7 @@ class NAMMPolicy(TorchPolicy):
         valid_full = torch.ones(b, h, s, dtype=torch.bool, device=device) if valid is None else valid
         recency = positions.amax(dim=-1, keepdim=True) - positions  # [B, H, S], newest 0
         feats, ema, next_ctx = F.token_features(rows, ctx_old, ema_old, is_new, recency, self._norm(device), c)
+        feats = F.with_pooled(feats, positions, valid_full, c)  # + pooled spectrogram if pool_kernel
         return feats, ema, next_ctx, valid_full
 
     def select_tokens(self, params, feats, positions, valid, seen):
