@@ -7,7 +7,8 @@
 Writes to ``output_dir``: ``predictions.jsonl`` (one row per prompt and policy run; a rerun into the
 same directory resumes), ``results.jsonl`` (one row per task, length, policy and budget),
 ``results.md``, ``score_vs_kv.png`` and ``summary.json``. Greedy decoding, per-task
-``max_new_tokens``; the headline is printed last.
+``max_new_tokens``; the headline is printed last: the normalised score of the run ``headline=LABEL`` names
+(default: the last non-full run in column order).
 """
 
 from __future__ import annotations
@@ -291,14 +292,29 @@ def _check_resumed(done: Iterable[Mapping], runs: Sequence[Mapping], pred_path: 
                 f"run its own label (compare=[{{name: ..., label: NEW}}]); the file is left as it is")
 
 
-def headline(results: Sequence[Mapping]) -> tuple[str, float, str]:
-    """(name, value, target): the last non-full policy's normalised score, else the full-cache mean."""
+def check_headline(label, runs: Sequence[Mapping]) -> str | None:
+    """``headline=LABEL`` names one of this evaluation's runs (checked before the model loads), or is null."""
+    if label is None:
+        return None
+    labels = [r["label"] for r in runs]
+    if str(label) not in labels:
+        raise EvaluateError(f"headline={label!r} is not a run of this evaluation (its labels: {', '.join(labels)}); "
+                            "give one of them, or headline=null for the last non-full one")
+    return str(label)
+
+
+def headline(results: Sequence[Mapping], label: str | None = None) -> tuple[str, float, str]:
+    """(name, value, target): the normalised score of ``label`` (default: the last non-full policy in column
+    order), its mean score where the full cache scores nothing to normalise by, else the full-cache mean."""
     labels = reporting.columns(results)
     others = [c for c in labels if c != reporting.FULL]
-    norm = reporting.normalised_scores(results)
-    if others and others[-1] in norm:
-        return f"{others[-1]}_normalised_score", norm[others[-1]], ">= 1.0 (full cache = 1.0)"
-    means = reporting.column_means(results)
+    norm, means = reporting.normalised_scores(results), reporting.column_means(results)
+    pick = label if label is not None else (others[-1] if others else None)
+    if pick is not None and pick != reporting.FULL:
+        if pick in norm:
+            return f"{pick}_normalised_score", norm[pick], ">= 1.0 (full cache = 1.0)"
+        if label is not None and pick in means:
+            return f"{pick}_mean_score", means[pick], "the full-cache mean score (0-100)"
     if reporting.FULL in means:
         return "full_cache_mean_score", means[reporting.FULL], "none: the full-cache reference (0-100)"
     return f"{labels[-1]}_mean_score", means[labels[-1]], "the full-cache mean score (run it with compare=[full])"
@@ -328,6 +344,7 @@ def run(cfg: DictConfig) -> dict:
     t0 = time.time()
     runs = policy_runs(cfg.policy, list(cfg.get("compare") or []), _plain(cfg.get("budgets")))
     policies = check_policies(runs)
+    headline_label = check_headline(cfg.get("headline"), runs)
     templates = load_templates(cfg.get("templates"))
     torch.manual_seed(int(cfg.seed))
     model, tokenizer = load_model_from_cfg(cfg.model, device=str(cfg.device), cache=cfg.get("cache_dir"))
@@ -346,7 +363,7 @@ def run(cfg: DictConfig) -> dict:
     results = reporting.aggregate(preds)
     intervals = reporting.bootstrap_normalised(preds, seed=int(cfg.seed))
     paths = reporting.write_results(results, out_dir, intervals)
-    name, value, target = headline(results)
+    name, value, target = headline(results, headline_label)
     summary = {"headline": {"name": name, "value": value, "target": target},
                "mean_score": reporting.column_means(results), "normalised_score": reporting.normalised_scores(results),
                "normalised_score_95ci": intervals,

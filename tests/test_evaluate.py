@@ -84,6 +84,12 @@ def test_evaluate_end_to_end(tmp_path, capsys):
     # a rerun into the same directory resumes: every prediction is reused as it was
     run(cfg)
     assert reporting.read_jsonl(tmp_path / "predictions.jsonl") == preds
+    # headline=LABEL picks the figure printed last (default: the last non-full run)
+    overrides = ("task=builtin", "task.tasks=[passkey,needle_qa]", "task.n=1", "task.context_lengths=[320]",
+                 "split=all", "compare=[recency]", "budgets=[128]")
+    assert run(_cfg(tmp_path, *overrides, "headline=recency@128"))["headline"]["name"].startswith("recency@128_")
+    assert run(_cfg(tmp_path, *overrides, "headline=full"))["headline"]["name"] == "full_cache_mean_score"
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("full_cache_mean_score: ")
 
 
 def test_evaluate_jsonl_task(tmp_path, capsys):
@@ -120,6 +126,8 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr("experiments.lib.models.load_model_from_cfg", no_model)
     with pytest.raises(SystemExit, match=r"^evaluate: policy 'smollm2-nope': no such directory, and no bundled"):
         run_or_exit(_cfg(tmp_path, *passkey, "policy=namm", "policy.path=smollm2-nope"))
+    with pytest.raises(SystemExit, match=r"^evaluate: headline='h2o@0.5' is not a run of this evaluation \(its labels: full"):
+        run_or_exit(_cfg(tmp_path, *passkey, "headline=h2o@0.5"))
     with pytest.raises(SystemExit, match=r"^evaluate: policy 'h2o' would never evict"):
         run_or_exit(_cfg(tmp_path, *passkey, "policy=h2o", "policy.budget=0.5", "policy.update_interval=0",
                          "policy.final_update=false"))
