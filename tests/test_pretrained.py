@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from namm import pretrained
-from namm.scoring import num_params
 from namm.torch.policy import NAMMPolicy, PolicyFormatError
 
 SMOLLM2 = {"name": "smollm2", "num_layers": 30, "num_kv_heads": 3, "num_q_heads": 9, "head_dim": 64}
@@ -27,7 +26,8 @@ def test_bundled_policy_loads_by_name(name):
     assert policy.base_model == SMOLLM2
     assert policy.budget == meta.get("trained_budget")                       # a capped policy runs at its cap
     flat = torch.cat([p.flatten() for p in policy.params.values()])
-    assert flat.shape == (num_params(policy.cfg),) and float(flat.abs().max()) > 0  # trained, not the all-zero init
+    size = {0: 4172, 5: 6943}[policy.cfg.features.pool_kernel]              # the paper's BAM; with pooled features
+    assert flat.shape == (size,) and float(flat.abs().max()) > 0             # trained, not the all-zero init
 
 
 def test_a_path_on_disk_wins_and_unknown_names_fail_clearly(tmp_path):

@@ -246,21 +246,6 @@ def num_frames(series_len: int, cfg) -> int:
     return (series_len - c.n_fft) // c.hop + 1
 
 
-__all__ = [
-    "NormStats",
-    "age_embedding",
-    "age_frequencies",
-    "ema_weights",
-    "frame_mask",
-    "gqa_average",
-    "normalize",
-    "num_frames",
-    "stft_magnitudes",
-    "token_features",
-    "window",
-]
-
-
 def neighbour_max(x: torch.Tensor, order: torch.Tensor, valid: torch.Tensor, kernel: int) -> torch.Tensor:
     """As ``namm.features.neighbour_max``: ``x [..., N, D]`` max-pooled over the ``kernel`` chronologically nearest
     valid slots (order ``[..., N]`` positions, valid ``[..., N]``); invalid slots get 0."""
@@ -285,3 +270,21 @@ def with_pooled(feats: torch.Tensor, order: torch.Tensor, valid: torch.Tensor, c
         return feats
     order = order.expand(valid.shape)
     return torch.cat([feats, neighbour_max(feats[..., c.age_dim:], order, valid, c.pool_kernel)], dim=-1)
+
+
+__all__ = [
+    "NormStats",
+    "age_embedding",
+    "age_frequencies",
+    "ema_weights",
+    "frame_mask",
+    "gqa_average",
+    "neighbour_max",
+    "normalize",
+    "num_frames",
+    "stft_magnitudes",
+    "token_features",
+    "window",
+    "with_pooled",
+]
+
