@@ -71,3 +71,16 @@ def test_pool_kernel_widens_the_init_and_exports_a_pooled_policy(init_policy, tm
     capsys.readouterr()
     assert _run(init_policy, tmp_path / "q", "--pool-kernel", "4") == 2
     assert "pool_kernel" in capsys.readouterr().err
+
+
+def test_ema_coeff_recalibrates_the_normalisation_and_exports_it(init_policy, tmp_path, one_torch_thread, capsys):
+    from namm.export import load_pretrained
+
+    assert _run(init_policy, tmp_path / "e", "--pool-kernel", "5", "--ema-coeff", "0.9") == 0
+    r = json.loads((tmp_path / "e" / "imitation.json").read_text())
+    _, cfg, (mean, var), _ = load_pretrained(r["export_dir"])
+    assert cfg.features.ema_coeff == 0.9 and cfg.features.pool_kernel == 5
+    assert np.all(np.isfinite(mean)) and np.all(var > 0) and np.any(mean != 0)  # calibrated, not the init's none
+    capsys.readouterr()
+    assert _run(init_policy, tmp_path / "f", "--ema-coeff", "1.0") == 2
+    assert "ema_coeff" in capsys.readouterr().err

@@ -15,6 +15,9 @@ training-split prompts (``--tasks``, ``--context-length``, ``--task-seed``; seed
    the prefill, the same cap) prefills the same prompt; its keep decision per layer and KV head is the label.
    With ``--pool-kernel K`` the features also carry their max over K chronological neighbours
    (``features.pool_kernel``; the init's parameters widened with zero weights for them, ``widen_features``).
+   With ``--ema-coeff G`` the spectrogram's EMA runs at coefficient G per query instead of the init's
+   (``features.ema_coeff``; 0.99 is about 100 queries, 0.95 about 20); the normalisation is then recalibrated
+   on the training prompts (``calibrate_norm_stats``), since the init's statistics belong to the other EMA.
 3. The scorer (BAM or MLP, ``namm.scoring.score_tokens``, JAX) is fitted from ``--init``'s parameters with optax
    Adam on a pairwise ranking loss, ``softplus(s_evicted - s_kept)`` over ``--pairs`` random (kept, evicted)
    pairs per layer and head, ``--batch`` (prompt, layer) instances a step, on the training prompts.
@@ -79,6 +82,21 @@ def with_pool_kernel(flat, cfg, kernel, name):
     except ConfigError as e:
         raise ImitationError(f"--pool-kernel {kernel}: {e}") from None
     return widen_features(flat, cfg, wide), wide
+
+
+def with_ema_coeff(cfg, coeff, name):
+    """``--ema-coeff``: the config with the EMA coefficient ``coeff`` (unchanged when None or the same); returns
+    ``(cfg, changed)``."""
+    from dataclasses import replace
+
+    from namm.config import ConfigError
+
+    if coeff is None or float(coeff) == float(cfg.features.ema_coeff):
+        return cfg, False
+    try:
+        return replace(cfg, features=replace(cfg.features, ema_coeff=float(coeff))), True
+    except ConfigError as e:
+        raise ImitationError(f"--ema-coeff {coeff} (init {name}): {e}") from None
 
 
 def runtime_keeps(model, policy, ids, shared_features) -> list:
@@ -232,6 +250,7 @@ def run_study(a) -> dict:
     if flat0.ndim != 1:
         raise ImitationError(f"--init {a.init} has per-layer parameters; the study fits a shared scorer")
     flat0, cfg = with_pool_kernel(flat0, cfg, a.pool_kernel, a.init)
+    cfg, recalibrate = with_ema_coeff(cfg, a.ema_coeff, a.init)
     budget = a.budget if a.budget is not None else meta.get("trained_budget")
     if budget is None:
         raise ImitationError(f"--init {a.init} has no trained cap; give --budget (e.g. 0.5)")
@@ -249,6 +268,14 @@ def run_study(a) -> dict:
             if k < len(by_task[t])][: a.train + a.heldout]                # interleaved over the tasks
     if len(rows) < a.train + a.heldout:
         raise ImitationError(f"only {len(rows)} prompts for --train {a.train} + --heldout {a.heldout}")
+    if recalibrate:
+        from namm.torch.policy import calibrate_norm_stats
+
+        probe = AgreementFitness(model, tok, rows, cfg, norm, chat=False, max_context=None, budget=budget,
+                                 target=a.target, max_answer_tokens=a.max_answer_tokens, progress=False)
+        norm = calibrate_norm_stats(model, [torch.tensor([probe._split(i)[0]], dtype=torch.long)
+                                            for i in range(a.train)], cfg)
+        norm = tuple(np.asarray(x, np.float32) for x in norm)
     fit = AgreementFitness(model, tok, rows, cfg, norm, chat=False, max_context=None, budget=budget,
                            target=a.target, max_answer_tokens=a.max_answer_tokens, progress=False)
     train, held = list(range(a.train)), list(range(a.train, a.train + a.heldout))
@@ -307,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init", default="smollm2-gold-long", help="the NAMM to start from (bundled name or directory)")
     ap.add_argument("--pool-kernel", type=int, default=None,
                     help="switch on neighbour-pooled features (features.pool_kernel, an odd k >= 3) for the fit")
+    ap.add_argument("--ema-coeff", type=float, default=None,
+                    help="EMA coefficient per query of the spectrogram features (features.ema_coeff); the "
+                         "normalisation is recalibrated on the training prompts when it differs from the init's")
     ap.add_argument("--teacher", default="snapkv", help="the baseline whose keep decisions are fitted")
     ap.add_argument("--compare", default="snapkv,h2o,streamingllm", help="baselines also measured on held-out")
     ap.add_argument("--budget", type=float, default=None, help="cap (fraction); default the policy's trained cap")
