@@ -268,16 +268,14 @@ def run_study(a) -> dict:
             if k < len(by_task[t])][: a.train + a.heldout]                # interleaved over the tasks
     if len(rows) < a.train + a.heldout:
         raise ImitationError(f"only {len(rows)} prompts for --train {a.train} + --heldout {a.heldout}")
-    if recalibrate:
-        from namm.torch.policy import calibrate_norm_stats
-
-        probe = AgreementFitness(model, tok, rows, cfg, norm, chat=False, max_context=None, budget=budget,
-                                 target=a.target, max_answer_tokens=a.max_answer_tokens, progress=False)
-        norm = calibrate_norm_stats(model, [torch.tensor([probe._split(i)[0]], dtype=torch.long)
-                                            for i in range(a.train)], cfg)
-        norm = tuple(np.asarray(x, np.float32) for x in norm)
     fit = AgreementFitness(model, tok, rows, cfg, norm, chat=False, max_context=None, budget=budget,
                            target=a.target, max_answer_tokens=a.max_answer_tokens, progress=False)
+    if recalibrate:   # on the prompts the fit compresses; fit.norm is first read by _prepare below
+        from namm.torch.policy import calibrate_norm_stats
+
+        norm = calibrate_norm_stats(model, [torch.tensor([fit._split(i)[0]], dtype=torch.long)
+                                            for i in range(a.train)], cfg)
+        fit.norm = norm = tuple(np.asarray(x, np.float32) for x in norm)
     train, held = list(range(a.train)), list(range(a.train, a.train + a.heldout))
     names = [a.teacher] + [c for c in a.compare.split(",") if c and c != a.teacher]
     policies = {n: build_policy(teacher_config(n, budget)) for n in names}
