@@ -6,7 +6,8 @@
 
 Writes to ``output_dir``: ``predictions.jsonl`` (one row per prompt and policy run; a rerun into the
 same directory resumes), ``results.jsonl`` (one row per task, length, policy and budget),
-``results.md``, ``score_vs_kv.png`` and ``summary.json``. Greedy decoding, per-task
+``results.md``, ``score_vs_kv.png`` and ``summary.json``; the results cover every run in the directory on
+this command's prompts, also those an earlier command added. Greedy decoding, per-task
 ``max_new_tokens``; the headline is printed last: the normalised score of the run ``headline=LABEL`` names
 (default: the last non-full run in column order).
 """
@@ -238,11 +239,8 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
         for row, prompt, run in todo:
             key = _key(row["dataset"], row["_id"], run["label"])
             spec = get_spec(row["dataset"])
-            if key in done:  # resumed: rescored with the current metric (HumanEval results are kept)
-                rec = dict(done[key])
-                if spec.metric != "pass_at_1":
-                    rec["score"] = score_prediction(row["dataset"], rec["prediction"], row)
-                preds.append(rec)
+            if key in done:  # resumed: rescored with the current metric
+                preds.append(_rescored(done[key], row))
                 bar.update(1)
                 continue
             policy = build_policy(policy_knobs(run))
@@ -268,6 +266,30 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
     others = [p for k, p in done.items() if k not in current]  # runs of other commands into this directory
     reporting.write_jsonl(preds + others, pred_path)  # the finished file, in row order and without duplicates
     return preds
+
+
+def directory_predictions(pred_path: Path, rows: Sequence[Mapping], preds: Sequence[Mapping]) -> list[dict]:
+    """The predictions in ``pred_path`` of runs this invocation did not make (earlier commands into the same
+    directory, e.g. another policy added later) on this invocation's prompts, rescored as resumed rows are, so
+    that the directory's results.jsonl / results.md cover every run in it, not only the last command's."""
+    if not pred_path.exists():
+        return []
+    current = {_key(p["task"], p["_id"], _pred_label(p)) for p in preds}
+    by_id = {(r["dataset"], r["_id"]): r for r in rows}
+    out = []
+    for p in reporting.read_jsonl(pred_path):
+        row = by_id.get((p["task"], p["_id"]))
+        if row is not None and _key(p["task"], p["_id"], _pred_label(p)) not in current:
+            out.append(_rescored(p, row))
+    return out
+
+
+def _rescored(pred: Mapping, row: Mapping) -> dict:
+    """A stored prediction scored with the current metric (HumanEval results are kept: rerunning is slow)."""
+    rec = dict(pred)
+    if get_spec(row["dataset"]).metric != "pass_at_1":
+        rec["score"] = score_prediction(row["dataset"], rec["prediction"], row)
+    return rec
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -303,11 +325,13 @@ def check_headline(label, runs: Sequence[Mapping]) -> str | None:
     return str(label)
 
 
-def headline(results: Sequence[Mapping], label: str | None = None) -> tuple[str, float, str]:
+def headline(results: Sequence[Mapping], label: str | None = None,
+             among: Sequence[str] | None = None) -> tuple[str, float, str]:
     """(name, value, target): the normalised score of ``label`` (default: the last non-full policy in column
-    order), its mean score where the full cache scores nothing to normalise by, else the full-cache mean."""
+    order, of the columns ``among`` where given), its mean score where the full cache scores nothing to normalise
+    by, else the full-cache mean."""
     labels = reporting.columns(results)
-    others = [c for c in labels if c != reporting.FULL]
+    others = [c for c in labels if c != reporting.FULL and (among is None or c in among)]
     norm, means = reporting.normalised_scores(results), reporting.column_means(results)
     pick = label if label is not None else (others[-1] if others else None)
     if pick is not None and pick != reporting.FULL:
@@ -360,10 +384,12 @@ def run(cfg: DictConfig) -> dict:
                      question_in_compression=bool(cfg.get("question_in_compression", True)),
                      templates=templates, humaneval_timeout=float(cfg.get("humaneval_timeout", 3.0)),
                      progress=bool(cfg.get("progress", True)))
+    ran = reporting.columns(reporting.aggregate(preds))      # this invocation's runs: the default headline
+    preds = preds + directory_predictions(out_dir / "predictions.jsonl", rows, preds)
     results = reporting.aggregate(preds)
     intervals = reporting.bootstrap_normalised(preds, seed=int(cfg.seed))
     paths = reporting.write_results(results, out_dir, intervals)
-    name, value, target = headline(results, headline_label)
+    name, value, target = headline(results, headline_label, among=ran)
     summary = {"headline": {"name": name, "value": value, "target": target},
                "mean_score": reporting.column_means(results), "normalised_score": reporting.normalised_scores(results),
                "normalised_score_95ci": intervals,

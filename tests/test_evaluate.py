@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.evaluate import policy_runs, run, run_or_exit
+from experiments.evaluate import headline, policy_runs, run, run_or_exit
 from experiments.lib import reporting
 from experiments.lib.models import byte_tokenizer
 from experiments.tasks import TaskError, generate, write_jsonl
@@ -90,6 +90,23 @@ def test_evaluate_end_to_end(tmp_path, capsys):
     assert run(_cfg(tmp_path, *overrides, "headline=recency@128"))["headline"]["name"].startswith("recency@128_")
     assert run(_cfg(tmp_path, *overrides, "headline=full"))["headline"]["name"] == "full_cache_mean_score"
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("full_cache_mean_score: ")
+    # another policy added later into the same directory: its results files keep the earlier runs
+    added = run(_cfg(tmp_path, *overrides[:-2], "compare=[h2o]", "budgets=[128]"))
+    assert set(added["mean_score"]) == {"full", "h2o@128", "recency@128"}
+    results = reporting.read_jsonl(tmp_path / "results.jsonl")
+    assert {reporting.row_label(r) for r in results} == {"full", "h2o@128", "recency@128"}
+    assert "| task | n | full | h2o@128 | recency@128 |" in (tmp_path / "results.md").read_text()
+    assert len(reporting.read_jsonl(tmp_path / "predictions.jsonl")) == 2 * 3
+
+
+def test_default_headline_is_among_this_commands_runs():
+    rows = [{"task": "passkey", "length": 320, "policy": p, "budget": b, "label": lab, "score": sc, "kv_fraction": 1.0}
+            for p, b, lab, sc in [("full", None, "full", 80.0), ("h2o", 128, "h2o@128", 40.0),
+                                  ("recency", 128, "recency@128", 20.0)]]
+    assert headline(rows) == ("recency@128_normalised_score", 0.25, ">= 1.0 (full cache = 1.0)")
+    # an earlier command's recency@128 in the same directory does not take the headline of a command that ran h2o
+    assert headline(rows, among=["full", "h2o@128"])[:2] == ("h2o@128_normalised_score", 0.5)
+    assert headline(rows, "recency@128", among=["full", "h2o@128"])[0] == "recency@128_normalised_score"
 
 
 def test_evaluate_jsonl_task(tmp_path, capsys):
