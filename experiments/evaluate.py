@@ -201,11 +201,14 @@ def _pred_label(p: Mapping) -> str:
 def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping], out_dir: str | Path, *,
              chat: bool, max_context: int | None, question_in_compression: bool = True,
              templates: Mapping[str, str] | None = None, humaneval_timeout: float = 3.0,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, with_directory: bool = False) -> list[dict]:
     """Generate and score every row under every policy run; returns the per-prompt predictions.
 
     Predictions are appended to ``out_dir/predictions.jsonl`` as they come; rows already there (same
-    task, _id, policy, budget) are reused and rescored, so a killed run resumes.
+    task, _id, policy, budget) are reused and rescored, so a killed run resumes. ``with_directory``: the
+    returned list goes on with the file's predictions of other runs (earlier commands into the same directory,
+    e.g. another policy added later) on these rows, rescored as resumed ones are, so that results built from it
+    cover every run in the directory, not only this command's.
     """
     from tqdm import tqdm
 
@@ -265,23 +268,10 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], runs: Sequence[Mapping],
     current = {_key(p["task"], p["_id"], _pred_label(p)) for p in preds}
     others = [p for k, p in done.items() if k not in current]  # runs of other commands into this directory
     reporting.write_jsonl(preds + others, pred_path)  # the finished file, in row order and without duplicates
+    if with_directory:
+        by_id = {(r["dataset"], r["_id"]): r for r in rows}
+        preds += [_rescored(p, by_id[p["task"], p["_id"]]) for p in others if (p["task"], p["_id"]) in by_id]
     return preds
-
-
-def directory_predictions(pred_path: Path, rows: Sequence[Mapping], preds: Sequence[Mapping]) -> list[dict]:
-    """The predictions in ``pred_path`` of runs this invocation did not make (earlier commands into the same
-    directory, e.g. another policy added later) on this invocation's prompts, rescored as resumed rows are, so
-    that the directory's results.jsonl / results.md cover every run in it, not only the last command's."""
-    if not pred_path.exists():
-        return []
-    current = {_key(p["task"], p["_id"], _pred_label(p)) for p in preds}
-    by_id = {(r["dataset"], r["_id"]): r for r in rows}
-    out = []
-    for p in reporting.read_jsonl(pred_path):
-        row = by_id.get((p["task"], p["_id"]))
-        if row is not None and _key(p["task"], p["_id"], _pred_label(p)) not in current:
-            out.append(_rescored(p, row))
-    return out
 
 
 def _rescored(pred: Mapping, row: Mapping) -> dict:
@@ -383,13 +373,11 @@ def run(cfg: DictConfig) -> dict:
                      max_context=cfg.model.get("max_context"),
                      question_in_compression=bool(cfg.get("question_in_compression", True)),
                      templates=templates, humaneval_timeout=float(cfg.get("humaneval_timeout", 3.0)),
-                     progress=bool(cfg.get("progress", True)))
-    ran = reporting.columns(reporting.aggregate(preds))      # this invocation's runs: the default headline
-    preds = preds + directory_predictions(out_dir / "predictions.jsonl", rows, preds)
+                     progress=bool(cfg.get("progress", True)), with_directory=True)
     results = reporting.aggregate(preds)
     intervals = reporting.bootstrap_normalised(preds, seed=int(cfg.seed))
     paths = reporting.write_results(results, out_dir, intervals)
-    name, value, target = headline(results, headline_label, among=ran)
+    name, value, target = headline(results, headline_label, among=[r["label"] for r in runs])
     summary = {"headline": {"name": name, "value": value, "target": target},
                "mean_score": reporting.column_means(results), "normalised_score": reporting.normalised_scores(results),
                "normalised_score_95ci": intervals,
