@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup prepare run test test-fast drafts clean
 
+# the environment takes about 2.3 GB (torch, jaxlib, transformers, pyarrow, scipy, ...) plus pip's temporaries:
+# check the disk first, so a full one is one clear line instead of pip's OSError halfway through
 $(STAMP): pyproject.toml
+	@$(PY) -c "import os, shutil, sys; d = os.path.dirname(os.path.abspath('$(VENV)')); f = shutil.disk_usage(d).free / 2**30; sys.exit(0 if f >= 3 else f'setup: {f:.1f} GB free under {d}, the environment needs about 3 GB (2.3 GB installed plus pip temporaries); free some space or make VENV=<path on a larger disk>')"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
