@@ -110,8 +110,16 @@ def test_acceptance_measure():
     p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
     logits = torch.log(torch.tensor([[0.25, 0.75, 1e-30], [1.0, 1e-30, 1e-30]]))
     acc, match = acceptance(p, logits)
-    # float32 logits of 0.25 / 0.75 (|log| < 1.4: rounded by < eps), a float64 softmax: p moves by < 2 eps
+    # float32 logits of 0.25 / 0.75 (|log| < 1.4: rounded by < eps), a float32 softmax: p moves by < 2 eps
     assert acc == pytest.approx((0.75 + 1.0) / 2, rel=0, abs=2 * EPS32) and match == 0.5
+    # a population's logits [P, m, V]: candidate by candidate the same numbers, as arrays
+    pop = torch.stack([logits, logits.flip(-1), torch.zeros_like(logits)])
+    accs, matches = acceptance(p, pop)
+    assert accs.shape == matches.shape == (3,)
+    for k in range(3):
+        assert (accs[k], matches[k]) == acceptance(p, pop[k])
+    empty = acceptance(p[:0], pop[:, :0])                          # no scored position: every candidate 1.0
+    assert [x.tolist() for x in empty] == [[1.0] * 3] * 2 and acceptance(p[:0], logits[:0]) == (1.0, 1.0)
 
 
 def test_prompt_store_gives_bit_identical_fitness_and_prefills_once(tiny_llama, rows, tmp_path, one_torch_thread):

@@ -160,3 +160,79 @@ def test_refresh_falls_back_and_bad_keys_are_refused(tiny_llama, rows):
         with pytest.raises(AgreementFitnessError, match=key):
             _fitness(tiny_llama, rows, cfg, **{key: bad})
 
+
+
+# bf16 (fitness.precision=bf16): the backward attention and the answer forward in bfloat16, unit roundoff
+# 2^-8 = 3.9e-3 against fp32's 6e-8. A logit q . x of K = 32 bf16 products is off by ~sqrt(32) u |q||x| at
+# worst-typical, so scores of O(10) move by O(0.1) (observed 0.09 at a largest score of 16.6, i.e. 0.55 % of it;
+# compared at BF16_SCORE_TOL = 3 % of the largest score) and tokens near the selection boundary swap; the
+# answer's distributions move by a few u. Fitness (an acceptance in [0, 1]) is compared at BF16_FIT_TOL, 5x the
+# difference seen on this tiny model (0.010), and the ranking of candidates must survive (Spearman 0.93 seen).
+BF16_SCORE_TOL = 0.03
+BF16_FIT_TOL = 0.05
+
+
+def test_population_scores_in_bf16_stay_near_fp32(one_torch_thread):
+    from namm.torch.population import population_scores, stack_params
+
+    gen = torch.Generator().manual_seed(3)
+    for scorer in (ScorerConfig(), ScorerConfig(num_heads=2)):
+        cfg = _cfg(scorer=scorer)
+        params = stack_params(0.3 * torch.randn(4, num_params(cfg), generator=gen), cfg)
+        feats = torch.randn(1, 2, 150, cfg.feature_dim, generator=gen)
+        valid = torch.rand(1, 2, 150, generator=gen) > 0.2
+        valid[..., -1] = True
+        want = population_scores(params, cfg, feats, valid)
+        got = population_scores(params, cfg, feats, valid, dtype=torch.bfloat16)
+        assert got.dtype == torch.float32
+        v = valid[0].expand_as(want)
+        err = float((got - want)[v].abs().max())
+        assert 0 < err <= BF16_SCORE_TOL * max(1.0, float(want[v].abs().max())), err   # bf16 did run, and stays close
+
+
+def test_bf16_fitness_stays_near_fp32(tiny_llama, rows, one_torch_thread):
+    cfg = _cfg()
+    model = tiny_llama[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32 = _fitness(tiny_llama, rows, cfg, pop_chunk=4)
+    low = _fitness(tiny_llama, rows, cfg, pop_chunk=4, precision="bf16")
+    for i in range(len(rows)):
+        fp32._prepare(i)
+    low._shared, low._answers = fp32._shared, fp32._answers
+    pop = 0.3 * np.random.default_rng(4).standard_normal((8, num_params(cfg))).astype(np.float32)
+    f32, f16 = fp32.evaluate(pop, [0, 1]), low.evaluate(pop, [0, 1])
+    assert low._low_model is not None and next(low._low_model.parameters()).dtype == torch.bfloat16
+    assert not np.array_equal(f16, f32)                         # it ran in bf16
+    np.testing.assert_allclose(f16, f32, rtol=0, atol=BF16_FIT_TOL)
+    assert np.corrcoef(np.argsort(np.argsort(f16)), np.argsort(np.argsort(f32)))[0, 1] > 0.5
+    # the fitness' own (fp32) model is untouched; the shared prompt state stays fp32
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert fp32._shared[0].cache.layers[0].keys.dtype == torch.float32
+    np.testing.assert_array_equal(fp32.evaluate(pop, [0, 1]), f32)
+
+
+def test_bad_precision_is_refused(tiny_llama, rows):
+    from experiments.fitness.agreement import AgreementFitnessError
+
+    cfg = _cfg()
+    with pytest.raises(AgreementFitnessError, match="precision='fp16'; use fp32 or bf16"):
+        _fitness(tiny_llama, rows, cfg, precision="fp16")
+    with pytest.raises(AgreementFitnessError, match="serves the batched path only"):
+        _fitness(tiny_llama, rows, cfg, precision="bf16", batched=False)
+
+
+def test_unfused_shared_attention_gives_the_same_fitness(tiny_llama, rows, monkeypatch, one_torch_thread):
+    """The answer's attention over the shared slots runs PyTorch's fused CPU flash kernel where it exists; the
+    unfused path (logits, softmax, GEMMs: other devices, other builds) gives the same fitness within fp32
+    rounding."""
+    from namm.torch import population
+
+    assert population._FUSED_CPU is not None                   # this build has it: the default path is fused
+    cfg = _cfg("masked", 0.0)
+    pop = 0.3 * np.random.default_rng(5).standard_normal((4, num_params(cfg))).astype(np.float32)
+    fused = _fitness(tiny_llama, rows, cfg, pop_chunk=4)
+    f_fused = fused.evaluate(pop, [0, 1])
+    monkeypatch.setattr(population, "_FUSED_CPU", None)
+    plain = _fitness(tiny_llama, rows, cfg, pop_chunk=4)
+    plain._shared, plain._answers = fused._shared, fused._answers
+    np.testing.assert_allclose(plain.evaluate(pop, [0, 1]), f_fused, rtol=0, atol=FIT_TOL)

@@ -178,3 +178,19 @@ def test_long_agreement_stage_starts_from_a_policy_and_fills_its_prompt_store(st
         train(_cfg(tmp_path, "builtin_agree_long", *common, "run.init_from=" + str(policy), "output_dir=" + str(tmp_path / "y")))
     with pytest.raises(FitnessError, match="prepare_store=true fills the prompt store"):
         train(_cfg(tmp_path, "builtin_agree_long", "prepare_store=true", "fitness.store_dir=null", *common))
+
+
+def test_bf16_fitness_trains_end_to_end(stage1, tmp_path):
+    """``fitness.precision=bf16`` through the stage config: the batched scorer and answer forward in bfloat16
+    train, export and resume like fp32; a typo in the precision is one early error."""
+    policy = stage1[0] / "builtin_i1" / "namm_policy"
+    common = ["fitness.max_answer_tokens=3", f"run.init_policy={policy}", "heldout_fraction=0.25",
+              "reference_baselines=[]"]
+    s = train(_cfg(tmp_path, "builtin_gold_long", "evolution.generations=1", "fitness.precision=bf16", *common))
+    assert s["generation"] == 1 and np.isfinite(s["last_train_fitness_mean"])
+    assert (tmp_path / "builtin_gold_long" / "namm_policy").exists()
+    again = train(_cfg(tmp_path, "builtin_gold_long", "evolution.generations=2", "fitness.precision=bf16", *common))
+    assert again["generation"] == 2
+    with pytest.raises(ValueError, match="precision='fp16'; use fp32 or bf16"):
+        train(_cfg(tmp_path / "typo", "builtin_gold_long", "evolution.generations=1", "fitness.precision=fp16",
+                   *common))

@@ -11,9 +11,13 @@ once beforehand and shared by both paths (timed as its own stages). The batched 
 ``--population`` in chunks of ``--pop-chunk``; the reference path (``batched=False``, one candidate at a
 time) its first ``--ref-population`` candidates; both after a warm-up call. The fitness of the candidates
 both evaluated is compared. With ``--mlp`` the paper's MLP scorer ablation (one linear layer, 25
-parameters) is timed the same way. A profile table gives each stage's measured time against its floor:
-the stage's FLOP count at the GFLOP/s a plain fp32 matmul of a similar shape reaches in the same run
-(bytes at a measured memcpy's GB/s for the memory-bound stages).
+parameters) is timed the same way. Unless ``--no-bf16``, each scorer's batched path also runs with
+``fitness.precision=bf16`` (scorer attention and answer forward in bfloat16), reported against the fp32
+batched fitness of the same candidates (largest and mean difference, Spearman rank correlation). A profile
+table gives each stage's measured time against its floor: the stage's FLOP count at the GFLOP/s a plain
+matmul of a similar shape and of the path's dtype reaches in the same run, plus its exps at the fp32 softmax
+rate (bytes at a measured memcpy's GB/s for the memory-bound stages). The headline is the fastest batched
+path against the current fitness (BAM, fp32, one candidate at a time).
 
 ``--suite stats``: the ``stats`` fitness against the ``task`` fitness, as before: the stats fitness timed
 after a warm-up call (its compile time reported separately) as the median of ``--repeats`` calls, the
@@ -124,21 +128,25 @@ def _best_of(fn, repeats: int = 5) -> float:
     return best
 
 
-def machine_rates(rows: int, width: int, inner: int, tile_rows: int, tile_keys: int, sort_shape) -> dict:
-    """What this CPU reaches now: fp32 GEMM GFLOP/s at the answer forward's shape (``rows x width @ width x
+def machine_rates(rows: int, width: int, inner: int, tile_rows: int, tile_keys: int, sort_shape,
+                  dtype=None) -> dict:
+    """What this CPU reaches now: GEMM GFLOP/s at the answer forward's shape (``rows x width @ width x
     inner``) and at the BAM tile's (``tile_rows x 32 @ 32 x tile_keys``), softmax elements/s on that tile, a
     stable descending argsort's elements/s at the selection's ``sort_shape`` (a chunk's scores of one layer),
-    and memcpy GB/s (64 MiB, read + write)."""
+    and memcpy GB/s (64 MiB, read + write). ``dtype``: the GEMMs' (default fp32); the softmax is timed in fp32,
+    which is what the fused attention kernels and the measure exponentiate in."""
     import torch
 
-    a, w = torch.randn(rows, width), torch.randn(width, inner)
-    q, k = torch.randn(tile_rows, 32), torch.randn(tile_keys, 32)
-    tile = torch.randn(tile_rows, tile_keys)
+    dtype = dtype or torch.float32
+    a, w = torch.randn(rows, width, dtype=dtype), torch.randn(width, inner, dtype=dtype)
+    q, k = torch.randn(tile_rows, 32, dtype=dtype), torch.randn(tile_keys, 32, dtype=dtype)
+    tile = torch.randn(tile_rows, tile_keys)   # fp32 whatever dtype: the fused kernels exponentiate in fp32
     src = torch.randn(16 * 2 ** 20)
     dst = torch.empty_like(src)
     t_lin = _best_of(lambda: a @ w)
     t_qk = _best_of(lambda: q @ k.T)
-    t_av = _best_of(lambda: tile @ k)
+    probs = tile.to(dtype)
+    t_av = _best_of(lambda: probs @ k)
     t_sm = _best_of(lambda: torch.softmax(tile, -1))
     t_cp = _best_of(lambda: dst.copy_(src))
     scores = torch.randn(*sort_shape)
@@ -147,12 +155,12 @@ def machine_rates(rows: int, width: int, inner: int, tile_rows: int, tile_keys: 
             "bam_tile_gflops": 2 * 2 * tile_rows * tile_keys * 32 / (t_qk + t_av) / 1e9,
             "softmax_gelems": tile.numel() / t_sm / 1e9,
             "memcpy_gbs": 2 * src.numel() * 4 / t_cp / 1e9,
-            "argsort_gelems": scores.numel() / t_sort / 1e9,
+            "argsort_gelems": scores.numel() / t_sort / 1e9, "dtype": str(dtype).removeprefix("torch."),
             "shapes": {"linear": [rows, width, inner], "bam_tile": [tile_rows, 32, tile_keys],
                        "argsort": list(sort_shape)}}
 
 
-def stage_work(model, namm_cfg, prompts: list[dict], population: int, block: int = 16) -> dict:
+def stage_work(model, namm_cfg, prompts: list[dict], population: int) -> dict:
     """Per stage, the work of the batched run: ``flops`` (matmul FLOPs actually executed), ``exps`` (softmax
     elements) and ``bytes`` (the memory-bound stages), summed over ``prompts`` (``S`` prompt tokens, ``n``
     tail tokens, ``m`` scored, per prompt) and, for the candidate stages, ``population`` candidates."""
@@ -178,7 +186,7 @@ def stage_work(model, namm_cfg, prompts: list[dict], population: int, block: int
         w["reference"]["flops"] += 2 * L * lin * n + L * 4 * hq * d * n * (S + n) + 2 * D * V * m
         w["reference"]["bytes"] += weights                    # one forward of a few tokens: weight-read bound
         if namm_cfg.scorer.kind == "bam":
-            pairs = S * (S + block) / 2                       # backward-masked (query, key) pairs computed
+            pairs = S * (S + 1) / 2                           # backward-masked (query, key) pairs
             per_layer = hkv * (2 * 2 * fp * pairs + 2 * (f + 1) * fp * S + 2 * fp * (1 + f) * S)
             w["scoring"]["flops"] += population * L * per_layer
             w["scoring"]["exps"] += population * L * hkv * pairs
@@ -188,7 +196,7 @@ def stage_work(model, namm_cfg, prompts: list[dict], population: int, block: int
         w["selection"]["sorts"] += population * L * hkv * S     # one stable argsort of every slot's score
         w["answer_forward"]["flops"] += population * (2 * L * lin * n + L * 4 * hq * d * n * (S + n) + 2 * D * V * m)
         w["answer_forward"]["exps"] += population * L * hq * n * (S + n)
-        w["measure"]["exps"] += population * m * V            # a float64 softmax over the vocabulary
+        w["measure"]["exps"] += population * m * V            # a softmax over the vocabulary
     return w
 
 
@@ -217,14 +225,25 @@ EXPLAIN = {
                  "is the floor counted; per-layer ops dominate at this size)",
     "selection": "beside the one argsort counted: masked scores, the rank scatter, the threshold and the ragged "
                  "max, ~10 passes over a layer's [chunk, Hkv, S] scores",
-    "measure": "a float64 softmax over the vocabulary (the floor counts the fp32 softmax rate)",
+    "measure": "per candidate: a softmax over the 49K vocabulary, then min and sums against p_full in float64",
     "mlp:scoring": "25 parameters: a few small ops per layer and chunk, per-call overhead only",
+    "bf16:answer_forward": "bf16: the attention's masked softmax over the shared slots, the fp32 log-sum-exps "
+                           "and the casts are memory-bound beside GEMMs that AMX runs ~8x faster than fp32",
+    "bf16:scoring": "bf16: the fused backward attention computes the diagonal blocks whole and, with K = 32, "
+                    "its bf16 GEMMs run far below the linear layers' rate; the exps (fp32 inside) dominate",
 }
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rho of two fitness vectors (ranks by argsort; ties, which fitness values hardly have, broken
+    by order)."""
+    ra, rb = (np.argsort(np.argsort(np.asarray(x))) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if len(ra) > 1 else 1.0
 
 
 def bench_agreement(model_spec: str, out: str, prompts: int, population: int, ref_population: int,
                     context_length: int, tasks: list[str], seed: int, max_answer_tokens: int, pop_chunk: int,
-                    budget: float, mlp: bool) -> dict:
+                    budget: float, mlp: bool, bf16: bool = True) -> dict:
     import torch
 
     from experiments.fitness.agreement import AgreementFitness
@@ -260,46 +279,69 @@ def bench_agreement(model_spec: str, out: str, prompts: int, population: int, re
         pop = (0.065 * rng.standard_normal((population, num_params(cfg)))).astype(np.float32)
         ref = AgreementFitness(model, tok, rows, cfg, norm, batched=False, **common)
         bat = AgreementFitness(model, tok, rows, cfg, norm, batched=True, pop_chunk=pop_chunk, **common)
+        low = AgreementFitness(model, tok, rows, cfg, norm, batched=True, pop_chunk=pop_chunk, precision="bf16",
+                               **common) if bf16 else None
         if shared_src is None:
             for i in items:
                 ref._prepare(i)
             shared_src, prep = ref, dict(ref.timings)
+        for fit in (bat, low) if low else (bat,):
+            fit._shared, fit._answers = shared_src._shared, shared_src._answers
+            fit.evaluate(pop[:pop_chunk], [0])               # warm-up (allocations, first calls, the bf16 copy)
+            fit.timings.clear()
         ref._shared, ref._answers = shared_src._shared, shared_src._answers
-        bat._shared, bat._answers = shared_src._shared, shared_src._answers
-        bat.evaluate(pop[:pop_chunk], [0])                   # warm-up (allocations, first calls)
         ref.evaluate(pop[:1], [0])
-        bat.timings.clear()
         ref.timings.clear()
-        t0 = time.perf_counter()
-        f_bat = bat.evaluate(pop, items)
-        bat_s = time.perf_counter() - t0
-        details = {k: v.tolist() for k, v in bat.last_details.items()}
+
+        def timed(fit):
+            t0 = time.perf_counter()
+            f = fit.evaluate(pop, items)
+            sec = time.perf_counter() - t0
+            return f, {"seconds": sec, "candidates": population, "candidate_evals_per_s": population / sec,
+                       "stages_s": dict(fit.timings), "fitness": f.tolist(),
+                       "details": {k: v.tolist() for k, v in fit.last_details.items()}}
+
+        f_bat, r_bat = timed(bat)
         t0 = time.perf_counter()
         f_ref = ref.evaluate(pop[:ref_population], items)
         ref_s = time.perf_counter() - t0
+        ref_rate = ref_population / ref_s
         results[name] = {
-            "batched": {"seconds": bat_s, "candidates": population, "candidate_evals_per_s": population / bat_s,
-                        "stages_s": dict(bat.timings), "fitness": f_bat.tolist(), "details": details},
+            "batched": r_bat,
             "unbatched": {"seconds": ref_s, "candidates": ref_population,
-                          "candidate_evals_per_s": ref_population / ref_s, "fitness": f_ref.tolist()},
-            "speedup": (population / bat_s) / (ref_population / ref_s),
+                          "candidate_evals_per_s": ref_rate, "fitness": f_ref.tolist()},
+            "speedup": r_bat["candidate_evals_per_s"] / ref_rate,
             "max_fitness_diff": float(np.abs(f_bat[:ref_population] - f_ref).max()),
         }
+        if low:
+            f_low, r_low = timed(low)
+            results[name]["batched_bf16"] = {
+                **r_low, "speedup": r_low["candidate_evals_per_s"] / ref_rate,
+                "max_fitness_diff_vs_fp32": float(np.abs(f_low - f_bat).max()),
+                "mean_fitness_diff_vs_fp32": float(np.abs(f_low - f_bat).mean()),
+                "rank_correlation_vs_fp32": rank_correlation(f_low, f_bat),
+                "best_fp32_rank_in_bf16": int(np.argsort(np.argsort(-f_low))[int(np.argmax(f_bat))]) + 1}
     shapes = [{"S": len(shared_src._split(i)[0]), "n": int(shared_src._shared[i].tail.shape[1]),
                "m": int(shared_src._shared[i].p_full.shape[0])} for i in items]
     mean_s = int(np.mean([p["S"] for p in shapes]))
     c = model.config
-    rates = machine_rates(pop_chunk * max(p["n"] for p in shapes), c.hidden_size, c.intermediate_size,
-                          16 * pop_chunk, mean_s // 2, (pop_chunk, getattr(c, "num_key_value_heads", None)
-                                                         or c.num_attention_heads, mean_s))
+    shape_args = (pop_chunk * max(p["n"] for p in shapes), c.hidden_size, c.intermediate_size, 16 * pop_chunk,
+                  mean_s // 2, (pop_chunk, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, mean_s))
+    rates = machine_rates(*shape_args)
+    rates_bf16 = machine_rates(*shape_args, dtype=torch.bfloat16) if bf16 else None
     tables = {}
     for name, cfg in cfgs.items():
-        timings = {**prep, **results[name]["batched"]["stages_s"]}
-        tables[name] = profile_table(timings, stage_work(model, cfg, shapes, population), rates)
+        work = stage_work(model, cfg, shapes, population)
+        tables[name] = profile_table({**prep, **results[name]["batched"]["stages_s"]}, work, rates)
+        if bf16:
+            # the prompt's shared stages stay fp32 (and at fp32 floors); the per-candidate ones at bf16 rates
+            low = profile_table({**prep, **results[name]["batched_bf16"]["stages_s"]}, work, rates_bf16)
+            tables[f"{name}_bf16"] = [row if row["per_candidate"] else fp for row, fp in zip(low, tables[name])]
     out_d = {"suite": "agreement", "model": model_spec, "prompts": len(rows), "context_length": context_length,
              "prompt_shapes": shapes, "population": population, "ref_population": ref_population,
              "pop_chunk": pop_chunk, "budget": budget, "max_answer_tokens": max_answer_tokens,
              "torch_threads": torch.get_num_threads(), "norm_calibration_s": calib_s, "rates": rates,
+             "rates_bf16": rates_bf16,
              "results": results, "profile": tables, "explanations": EXPLAIN,
              "note": "a candidate evaluation = one candidate on all the prompts; the shared per-prompt state "
                      "(prefill, features, reference) is prepared once and excluded from both rates",
@@ -311,6 +353,10 @@ def bench_agreement(model_spec: str, out: str, prompts: int, population: int, re
 
 def print_agreement(r: dict) -> None:
     rates = r["rates"]
+    if r.get("rates_bf16"):
+        b = r["rates_bf16"]
+        print(f"machine, bf16: GEMM {b['linear_gflops']:.1f} GFLOP/s at {b['shapes']['linear']}, "
+              f"{b['bam_tile_gflops']:.1f} GFLOP/s at the BAM tile, softmax {b['softmax_gelems']:.2f} G elements/s")
     print(f"machine: fp32 GEMM {rates['linear_gflops']:.1f} GFLOP/s at {rates['shapes']['linear']}, "
           f"{rates['bam_tile_gflops']:.1f} GFLOP/s at the BAM tile {rates['shapes']['bam_tile']}, softmax "
           f"{rates['softmax_gelems']:.2f} G elements/s, stable argsort {rates['argsort_gelems'] * 1e3:.0f} M "
@@ -323,13 +369,20 @@ def print_agreement(r: dict) -> None:
         print(f"{name}: batched {res['batched']['candidate_evals_per_s']:.3f} candidates/s, unbatched "
               f"{res['unbatched']['candidate_evals_per_s']:.3f} candidates/s, speedup {res['speedup']:.2f}x, "
               f"max |fitness difference| {res['max_fitness_diff']:.2e}")
+        if "batched_bf16" in res:
+            b = res["batched_bf16"]
+            print(f"{name}, bf16: batched {b['candidate_evals_per_s']:.3f} candidates/s, {b['speedup']:.2f}x the "
+                  f"fp32 unbatched; against the fp32 batched fitness of all {r['population']} candidates: max "
+                  f"|difference| {b['max_fitness_diff_vs_fp32']:.2e}, mean {b['mean_fitness_diff_vs_fp32']:.2e}, "
+                  f"Spearman {b['rank_correlation_vs_fp32']:.3f}, fp32's best ranked {b['best_fp32_rank_in_bf16']}")
     for name, rows in r["profile"].items():
-        print(f"\nprofile ({name} scorer, batched run; per-candidate stages over all {r['population']} candidates)")
+        print(f"\nprofile ({name.split('_')[0]} scorer{', bf16' if name.endswith('_bf16') else ''}, batched run; per-candidate stages over all {r['population']} candidates)")
         print(f"{'stage':<15}{'seconds':>9}{'GFLOP':>9}{'G exp':>8}{'M sort':>8}{'GB':>7}{'floor s':>9}"
               f"{'x floor':>9}")
         for row in rows:
             x = "" if row["x_floor"] is None else f"{row['x_floor']:.1f}"
-            why = r["explanations"].get(f"{name}:{row['stage']}", r["explanations"].get(row["stage"], ""))
+            keys = [f"{part}:{row['stage']}" for part in (name, name.split("_")[0], name.split("_")[-1])]
+            why = next((r["explanations"][k] for k in keys + [row["stage"]] if k in r["explanations"]), "")
             print(f"{row['stage']:<15}{row['seconds']:>9.2f}{row['gflop']:>9.1f}{row['gexp']:>8.2f}"
                   f"{row['gsort'] * 1e3:>8.1f}{row['gbytes']:>7.2f}{row['floor_s']:>9.2f}{x:>9}"
                   + (f"  {why}" if row["x_floor"] and row["x_floor"] > 3 else ""))
@@ -353,6 +406,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-answer-tokens", type=int, default=16, help="agreement: answer tokens fed per prompt")
     ap.add_argument("--budget", type=float, default=0.5, help="agreement: fitness.policy_budget")
     ap.add_argument("--no-mlp", action="store_true", help="agreement: skip the MLP scorer ablation")
+    ap.add_argument("--no-bf16", action="store_true", help="agreement: skip the bf16 batched path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the comparison is per core)")
     ap.add_argument("--pop-chunk", type=int, default=None,
@@ -361,14 +415,29 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO)
     import torch
 
+    from namm.shards import atomic_write_json
+
     torch.set_num_threads(a.threads)
     out = a.out or f"outputs/bench_fitness/{a.suite}.json"
     if a.suite == "agreement":
         r = bench_agreement(a.model, out, a.prompts, a.population or 32, a.ref_population, a.context_length,
                             a.tasks.split(","), a.seed, a.max_answer_tokens, a.pop_chunk or 16, a.budget,
-                            not a.no_mlp)
+                            not a.no_mlp, not a.no_bf16)
         print_agreement(r)
-        print(f"batched_fitness_speedup: {r['results']['bam']['speedup']:.1f} (target: >= 10)")
+        bam = r["results"]["bam"]
+        current = bam["unbatched"]["candidate_evals_per_s"]   # the agreement fitness as trained before: BAM, fp32
+        paths = {(name, "fp32"): res["batched"]["candidate_evals_per_s"] for name, res in r["results"].items()}
+        paths.update({(name, "bf16"): res["batched_bf16"]["candidate_evals_per_s"]
+                      for name, res in r["results"].items() if "batched_bf16" in res})
+        print("\nbatched paths against the current fitness (BAM scorer, fp32, one candidate at a time, "
+              f"{current:.3f} candidates/s):")
+        for (name, prec), rate in paths.items():
+            print(f"  {name} scorer, {prec}: {rate:.3f} candidates/s, {rate / current:.2f}x")
+        (name, prec), rate = max(paths.items(), key=lambda kv: kv[1])
+        r["headline"] = {"path": f"{name}, {prec}", "speedup_vs_current": rate / current}
+        atomic_write_json(Path(out), r)
+        print(f"batched_fitness_speedup (BAM, fp32, fitness equal to the reference): {bam['speedup']:.1f}")
+        print(f"fitness_speedup_vs_current ({name} scorer, {prec}, batched): {rate / current:.1f} (target: >= 10)")
         return r
     r = bench_stats(a.model, a.stats_dir, out, a.prompts, a.population or 4, a.layers, a.context_length,
                     a.tasks.split(","), a.repeats, a.seed, a.max_new_tokens, a.sim_layers, a.pop_chunk or 1)

@@ -35,7 +35,8 @@ BACKENDS = ("stats", "task", "agreement")
 # The keys each runtime backend takes (``stats`` checks its own: ``namm.fitness.StatsFitnessConfig``).
 RUNTIME_FITNESS_KEYS = {"task": {"compress_question", "max_new_tokens"},
                         "agreement": {"policy_budget", "compress_question", "max_answer_tokens", "cache_prompts",
-                                      "refresh_every", "refresh_window", "batched", "pop_chunk", "store_dir", "target"}}
+                                      "refresh_every", "refresh_window", "batched", "pop_chunk", "store_dir", "target",
+                                                    "precision"}}
 
 
 def check_config(fit_name, fit_cfg: dict) -> None:
@@ -112,6 +113,7 @@ def build(fit_name: str, fit_cfg: dict, cfg, *, model, tokenizer, rows, train_id
                       refresh_every=fit_cfg.get("refresh_every"), refresh_window=fit_cfg.get("refresh_window", 16),
                       batched=fit_cfg.get("batched"), pop_chunk=fit_cfg.get("pop_chunk", 16),
                       store_dir=fit_cfg.get("store_dir"), target=fit_cfg.get("target", "full"),
+                      precision=fit_cfg.get("precision", "fp32"),
                       answers_path=out_dir / "full_cache_answers.json", progress=bool(cfg.get("progress", True)))
     common.update(chat=chat, max_context=max_context)
     train_fit = Fitness(model, tokenizer, [rows[i] for i in train_idx], namm_cfg, norm, **common)

@@ -48,6 +48,15 @@ evicted slots per KV head and appends the candidate's own answer keys and values
 unbatched path (the reference, ``batched=False``), equal within fp32 rounding (tested). A refresh is served
 by the unbatched path only: ``batched=None`` falls back to it, ``batched=True`` refuses.
 
+Precision (``precision``, batched path only): ``fp32`` (default) as above. ``bf16`` runs the two heavy
+per-candidate stages in bfloat16 - BAM's backward attention (its GEMMs and softmax; the queries, the output
+projection and the accumulation stay fp32) and the answer forward (a bf16 copy of the model over the shared
+keys and values cast to bf16; logits, log-sum-exps and the measure in fp32) - which on a CPU with bf16
+matrix units (AMX) runs several times faster. The prompt's shared state (prefill, features, full-cache
+distributions) stays fp32. Fitness then differs from the fp32 path by bf16 rounding: a few thousandths
+of acceptance per candidate, and a score near the selection threshold can swap a token
+(``python -m experiments.bench.fitness`` reports the difference and the rank correlation with fp32).
+
 Prompt store (``store_dir``): the shared state of every prompt is written once, atomically, to
 ``<store_dir>/<key>.safetensors`` (the prefilled keys, values and positions, the features, the tail and the
 full-cache distributions; about 55 MB per 1K tokens in float32) and read back from there on every later visit,
@@ -79,6 +88,7 @@ log = logging.getLogger(__name__)
 
 
 TARGETS = ("full", "gold")   # what the answer positions are measured against (module docstring)
+PRECISIONS = ("fp32", "bf16")  # what the batched path's scorer and answer forward run in (module docstring)
 
 
 class AgreementFitnessError(ValueError):
@@ -100,15 +110,28 @@ class _Shared:
                                 # its features per layer as ``features``)
 
 
-def acceptance(p_full, logits) -> tuple[float, float]:
-    """``(mean_t sum_v min(p_full, softmax(logits)), fraction of argmax(logits) == argmax(p_full))``."""
+def acceptance(p_full, logits):
+    """``(mean_t sum_v min(p_full, softmax(logits)), fraction of argmax(logits) == argmax(p_full))``.
+
+    logits ``[m, V]`` -> two floats; ``[P, m, V]`` (a population's) -> two float64 arrays ``[P]``, the same
+    numbers candidate by candidate (computed one candidate at a time: its ``[m, V]`` stays in cache). The
+    softmax and the minimum run in fp32 (float64 exps over the vocabulary cost ~10x), the sums accumulate in
+    float64."""
+    if p_full.shape[0] == 0:
+        return (1.0, 1.0) if logits.ndim == 2 else (np.ones(len(logits)), np.ones(len(logits)))
+    if logits.ndim == 2:
+        return _acceptance(p_full, p_full.argmax(-1), logits)
+    p32, target = p_full.float(), p_full.argmax(-1)
+    pairs = [_acceptance(p32, target, one) for one in logits]
+    return np.array([a for a, _ in pairs]), np.array([m for _, m in pairs])
+
+
+def _acceptance(p_full, target, logits) -> tuple[float, float]:
     import torch
 
-    if p_full.shape[0] == 0:
-        return 1.0, 1.0
-    q = torch.softmax(logits.double(), -1)
-    acc = torch.minimum(p_full, q).sum(-1).mean()
-    match = (q.argmax(-1) == p_full.argmax(-1)).double().mean()
+    q = torch.softmax(logits.float(), -1)
+    match = (q.argmax(-1) == target).double().mean()
+    acc = torch.minimum(q, p_full.to(q.dtype), out=q).sum(-1, dtype=torch.float64).mean()
     return float(acc), float(match)
 
 
@@ -118,7 +141,8 @@ class AgreementFitness:
                  cache_prompts: bool = True, answers_path: str | Path | None = None,
                  templates: Mapping[str, str] | None = None, progress: bool = False,
                  refresh_every: int | None = None, refresh_window: int = 16, batched: bool | None = None,
-                 pop_chunk: int = 16, store_dir: str | Path | None = None, target: str = "full"):
+                 pop_chunk: int = 16, store_dir: str | Path | None = None, target: str = "full",
+                 precision: str = "fp32"):
         from experiments.extract import eos_ids
         from experiments.tasks import build_prompts
         from namm.torch.selection import budget_tokens
@@ -164,6 +188,15 @@ class AgreementFitness:
             log.info("fitness.refresh_every=%d: candidates are evaluated one at a time (the population-batched "
                      "path serves no refresh)", refresh_every)
         self.pop_chunk = pop_chunk
+        if precision not in PRECISIONS:
+            raise AgreementFitnessError(f"fitness.precision={precision!r}; use fp32 or bf16 (the batched path's "
+                                        "scorer and answer forward in bfloat16)")
+        if precision != "fp32" and not self.batched:
+            raise AgreementFitnessError(f"fitness.precision={precision} serves the batched path only (candidates "
+                                        "one at a time are the fp32 reference); set precision: fp32 or batched: "
+                                        "null/true without refresh_every")
+        self.precision = precision
+        self._low_model = None
         if store_dir is not None and refresh_every is not None:
             raise AgreementFitnessError(f"fitness.store_dir serves no refresh (fitness.refresh_every="
                                         f"{refresh_every}); set store_dir: null")
@@ -501,17 +534,34 @@ class AgreementFitness:
         from namm.torch.population import population_scores, select_population, stack_params
 
         params = {k: v.to(shared.tail.device) for k, v in stack_params(flats, self.namm_cfg).items()}
+        dtype = self._dtype()
         keeps = []
         with torch.no_grad():
             for feats, positions, valid, seen in shared.features:
                 t0 = time.perf_counter()
-                scores = population_scores(params, self.namm_cfg, feats, valid)
+                scores = population_scores(params, self.namm_cfg, feats, valid, dtype=dtype)
                 t1 = time.perf_counter()
                 keeps.append(select_population(scores, positions, valid, seen, self.namm_cfg.selection,
                                                self.budget))
                 self.timings["scoring"] += t1 - t0
                 self.timings["selection"] += time.perf_counter() - t1
         return keeps
+
+    def _dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def _answer_model(self):
+        """The model the batched answer forward runs: this fitness' own, or (``precision=bf16``) a bf16 copy of
+        it, made once."""
+        import copy
+
+        if self.precision == "fp32":
+            return self.model
+        if self._low_model is None:
+            self._low_model = copy.deepcopy(self.model).to(self._dtype()).eval()
+        return self._low_model
 
     def _population(self, flats: np.ndarray, shared: _Shared) -> np.ndarray:
         """``[P, 3]`` (acceptance, token match, kept fraction) of ``P`` candidates at once (module docstring)."""
@@ -532,14 +582,15 @@ class AgreementFitness:
             if n - start == 0:
                 out[:, :2] = 1.0
                 return out
-            cache = PopulationCache(self.model, shared.cache, keeps)
+            model = self._answer_model()
+            low = None if model is self.model else self._dtype()
+            cache = PopulationCache(model, shared.cache, keeps, dtype=low)
             seen = shared.cache.seen_tokens
             positions = torch.arange(seen, seen + n, device=device)[None].expand(len(flats), n)
-            logits = self.model(input_ids=shared.tail.expand(len(flats), n), position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=n - start).logits
+            logits = model(input_ids=shared.tail.expand(len(flats), n), position_ids=positions,
+                           past_key_values=cache, use_cache=True, logits_to_keep=n - start).logits.float()
             t1 = time.perf_counter()
-            for k in range(len(flats)):  # one candidate at a time: [m, V] float64 stays in cache
-                out[k, :2] = acceptance(shared.p_full, logits[k])
+            out[:, 0], out[:, 1] = acceptance(shared.p_full, logits)
             self.timings["answer_forward"] += t1 - t0
             self.timings["measure"] += time.perf_counter() - t1
         return out

@@ -10,7 +10,8 @@ scores to the answer's logits:
   . x_j`` plus terms constant along ``j`` (which the softmax cancels), and since each attention row sums to
   one, ``A V = (A X) W_v + b_v``. The keys and values of the backward attention are then the features
   themselves (``F = 25`` wide, the same for every candidate), the queries ``x_i (W_q W_k^T) + b_q W_k^T`` per
-  candidate, and one GEMM per query block serves the whole population. Mathematically the scores of
+  candidate, and one fused attention call per layer serves the whole population (the candidates as query
+  heads of the one shared key/value head). Mathematically the scores of
   ``namm.torch.scoring.score_tokens``; numerically within fp32 rounding.
 - :func:`select_population`: ``NAMMPolicy.select_tokens``' selection (threshold, budget cap, ragged max
   or masked) per candidate: ``keep [P, H, N]``.
@@ -55,40 +56,35 @@ def _padded(f: int) -> int:
     return -(-f // 32) * 32
 
 
-def _backward_attention(qp: torch.Tensor, x: torch.Tensor, valid: torch.Tensor | None, block: int) -> torch.Tensor:
-    """``softmax_j(q_i . x_j + M_ij) x_j`` for every candidate: qp ``[H, N, P, F]`` (scaled), x ``[H, N, F]``
-    -> ``[H, N, P, F]``; M the backward mask (``j >= i``, valid ``j``).
+def _backward_attention(qp: torch.Tensor, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``softmax_j(q_i . x_j + M_ij) x_j`` for every candidate: qp ``[H, P, N, F]`` (scaled), x ``[H, N, F]``
+    -> ``[H, P, N, F]``; M the backward mask (``j >= i``, valid ``j``).
 
-    One GEMM per (head, block of ``block`` queries) covers all ``P`` candidates: rows ``(i, p)`` against the
-    keys ``j >= `` the block's first query; the block's diagonal is masked below ``j = i``. Zero-padded
-    feature columns leave the logits and the used outputs unchanged."""
-    h, n, p, f = qp.shape
-    out = torch.empty_like(qp)
-    neg = float("-inf")
-    for a in range(0, n, block):
-        e = min(n, a + block)
-        m = e - a
-        below = torch.ones(m, m, dtype=torch.bool, device=x.device).tril(-1)[:, None, :]  # key j < query i
-        for hh in range(h):
-            keys = x[hh, a:]                                          # [L, F], L = n - a
-            logits = qp[hh, a:e].reshape(m * p, f) @ keys.T            # [m * P, L]
-            view = logits.view(m, p, n - a)
-            view[:, :, :m].masked_fill_(below, neg)
-            if valid is not None:
-                view.masked_fill_(~valid[hh, None, None, a:], neg)
-            # softmax's own vectorised exp is several times faster than torch.exp on CPU; a query with no
-            # valid key (an invalid slot) gets NaN, which selection drops with the invalid slot
-            torch.mm(torch.softmax(logits, -1), keys, out=out[hh, a:e].view(m * p, f))
-    return out
+    One fused attention call (``scaled_dot_product_attention``: blocked GEMMs with an online softmax, no
+    ``N x N`` logits in memory) per layer: the candidates are the query heads of one shared key/value head
+    (``enable_gqa``), and the token order is reversed so that the backward mask is the causal one (whose
+    upper blocks the kernel skips). Zero-padded feature columns leave the logits and the used outputs
+    unchanged."""
+    h, p, n, f = qp.shape
+    keys = x.flip(1)[:, None]                                             # [H, 1, N, F], newest first
+    mask = None
+    if valid is not None:   # causal in the reversed order, and valid keys only
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[None, None] & valid.flip(1)[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(qp.flip(2), keys, keys, attn_mask=mask,
+                                                           is_causal=mask is None, scale=1.0, enable_gqa=True)
+    return out.flip(2)
 
 
 def population_scores(params: dict[str, torch.Tensor], cfg: NAMMConfig, feats: torch.Tensor,
-                      valid: torch.Tensor | None = None, block: int = 16) -> torch.Tensor:
+                      valid: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Scores of ``P`` stacked candidates (``stack_params``) on one layer's shared features.
 
     feats ``[H, N, F]`` (or ``[1, H, N, F]``), valid ``[H, N]`` (or ``[1, H, N]``) or None -> ``[P, H, N]``.
     BAM: the backward attention on the shared features (module docstring); MLP: token-wise, one batched
-    matmul per layer over the population."""
+    matmul per layer over the population. ``dtype``: what the backward attention's two GEMMs and its softmax
+    (nearly all of BAM's FLOPs) run in; ``torch.bfloat16`` uses the CPU's bf16 matrix units where it has them
+    (AMX), the queries, the output projection and the accumulation stay fp32. Scores then differ from fp32 by
+    bf16 rounding (8 significand bits), which can swap tokens near the selection threshold."""
     if feats.ndim == 4:
         if feats.shape[0] != 1:
             raise ValueError(f"population_scores: features of one sequence, got a batch of {feats.shape[0]}")
@@ -139,12 +135,12 @@ def population_scores(params: dict[str, torch.Tensor], cfg: NAMMConfig, feats: t
         wk_t = torch.nn.functional.pad(wk, (0, 0, 0, fp - f)).transpose(1, 2)  # [P, dh, fp]
         # [W_q W_k^T ; b_q W_k^T] / sqrt(d_h): [P, F + 1, fp]; queries of every candidate, token-major
         a_mat = torch.bmm(torch.cat([wq, bqkv[:, None, cols]], 1), wk_t) * scale
-        qp = (x_one @ a_mat.permute(1, 0, 2).reshape(f + 1, pop * fp)).view(h, n, pop, fp)
-        u = _backward_attention(qp, xp, valid, block)                    # [H, N, P, fp]
+        qp = (x_one @ a_mat.permute(1, 0, 2).reshape(f + 1, pop * fp)).view(h, n, pop, fp).transpose(1, 2)
+        u = _backward_attention(qp.to(dtype), xp.to(dtype), valid).float()  # [H, P, N, fp]
         b_mat = torch.bmm(wv, wo[:, cols])                               # [P, F, 2F]
         c_mat = torch.cat([torch.bmm(b_mat[..., :f], w_head), b_mat[..., f:]], 2)  # [P, F, 1 + F]
         c_mat = torch.nn.functional.pad(c_mat, (0, 0, 0, fp - f))       # [P, fp, 1 + F]
-        acc.baddbmm_(u.view(h * n, pop, fp).transpose(0, 1), c_mat)
+        acc.baddbmm_(u.transpose(0, 1).reshape(pop, h * n, fp), c_mat)
     g = acc[..., 1:].mul_(w_head.transpose(1, 2)).mul_(xf)              # g * w * x
     return (acc[..., 0] + g.sum(-1)).view(pop, h, n)
 
@@ -163,6 +159,11 @@ def select_population(scores: torch.Tensor, positions: torch.Tensor, valid: torc
         cap = selection.budget_tokens(budget, seen)
         sel = replace(sel, top_k=cap if sel.top_k is None else min(cap, sel.top_k))
     return selection.select(scores, valid_full, newest, sel, batch_dims=1)
+
+
+# PyTorch's CPU flash-attention kernel, called directly for the log-sum-exp it returns beside its output
+# (scaled_dot_product_attention drops it); None where this build lacks it (the unfused path then runs)
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class PopulationLayer(DynamicLayer):
@@ -206,31 +207,50 @@ class PopulationLayer(DynamicLayer):
         _attention.set_pending(self)
         return self.own_keys, self.own_values
 
+    def _shared_part(self, qg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of the scaled query rows ``qg [P, Hkv, G q, d]`` over the shared slots each candidate kept:
+        (output ``[P, Hkv, G q, d]``, log-sum-exp of the logits ``[P, Hkv, G q]`` in fp32).
+
+        On the CPU one fused flash-attention call per layer (blocked GEMMs, online softmax, its log-sum-exp
+        returned), the rows ``(P, G q)`` of a KV head as one query sequence and the keep masks as an additive
+        bias; elsewhere (or where that op is missing) logits, softmax and two GEMMs."""
+        p, hkv, rows, d = qg.shape
+        ks, vs = self.shared_keys, self.shared_values                 # [1, Hkv, S, d]
+        s = ks.shape[-2]
+        flat = qg.transpose(0, 1).reshape(1, hkv, p * rows, d)
+        if _FUSED_CPU is not None and qg.device.type == "cpu":
+            mask = None if self.bias is None else self.bias.expand(hkv, p, rows, s).reshape(1, hkv, p * rows, s)
+            out, lse = _FUSED_CPU(flat, ks, vs, 0.0, False, attn_mask=mask, scale=1.0)
+            return (out.view(hkv, p, rows, d).transpose(0, 1),
+                    lse.view(hkv, p, rows).transpose(0, 1).float())
+        ls = torch.matmul(flat[0], ks[0].transpose(1, 2)).view(hkv, p, rows, s)   # [Hkv, P, G q, S]
+        if self.bias is not None:
+            ls.add_(self.bias)
+        # the log-sum-exp is max + log(sum) = max - log(max prob), in fp32 whatever the cache's dtype (in bf16 a
+        # logit of 10 is only known to 0.06)
+        ps = torch.softmax(ls, -1)
+        lse = (ls.amax(-1).float() - ps.amax(-1).float().log()).transpose(0, 1)
+        # rows (P, G q) of the shared part form one strided matrix per KV head: no copy
+        out = torch.bmm(ps.view(hkv, p * rows, s), vs[0]).view(hkv, p, rows, d).transpose(0, 1)
+        return out, lse
+
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query ``[P, Hq, q, d]`` (the newest ``q`` of the own tokens) -> ``[P, q, Hq, d]``: softmax over the
         shared slots the candidate kept and its own tokens up to the query (causal)."""
         p, hq, q, d = query.shape
-        ks, vs = self.shared_keys[0], self.shared_values[0]          # [Hkv, S, d]
-        hkv, s = ks.shape[0], ks.shape[1]
+        hkv = self.shared_keys.shape[1]
         g = hq // hkv
         ko, vo = self.own_keys, self.own_values                       # [P, Hkv, t, d]
         t = ko.shape[-2]
         qg = (query * scaling).reshape(p, hkv, g * q, d)              # rows (group, query)
-        ls = torch.matmul(qg.transpose(0, 1).reshape(hkv, p * g * q, ks.shape[-1]), ks.transpose(1, 2))
-        ls = ls.view(hkv, p, g * q, s)                                 # [Hkv, P, G q, S]
-        if self.bias is not None:
-            ls.add_(self.bias)
         lo = torch.matmul(qg, ko.transpose(-1, -2))                  # [P, Hkv, G q, t]
         future = (torch.arange(t, device=query.device)[None, :]
                   > torch.arange(t - q, t, device=query.device)[:, None])  # [q, t]
         lo.view(p, hkv, g, q, t).masked_fill_(future, float("-inf"))
         # softmax over [shared slots | own tokens] as two softmaxes weighted by their log-sum-exps (no
-        # concatenated copy of the logits); the shared one's is max + log(sum) = max - log(max prob)
-        ps = torch.softmax(ls, -1)                                      # [Hkv, P, G q, S]
-        lse_s = (ls.amax(-1) - ps.amax(-1).log()).transpose(0, 1)       # [P, Hkv, G q]
-        w_s = torch.sigmoid(lse_s - torch.logsumexp(lo, -1))[..., None]  # share of the softmax mass
-        # rows (P, G q) of the shared part form one strided matrix per KV head: no copy
-        out = torch.bmm(ps.view(hkv, p * g * q, s), vs).view(hkv, p, g * q, -1).transpose(0, 1)
+        # concatenated copy of the shared keys, values or logits)
+        out, lse_s = self._shared_part(qg)
+        w_s = torch.sigmoid(lse_s - torch.logsumexp(lo.float(), -1))[..., None].to(query.dtype)  # shared share
         out = torch.lerp(torch.matmul(torch.softmax(lo, -1), vo), out, w_s)  # [P, Hkv, G q, d]
         return out.reshape(p, hkv, g, q, -1).permute(0, 3, 1, 2, 4).reshape(p, q, hq, -1)
 
@@ -240,9 +260,10 @@ class PopulationCache(Cache):
 
     keeps: per layer ``[P, Hkv, S]`` bool or None (keep all). ``model(input_ids [P, q], position_ids [P, q],
     past_key_values=cache)`` runs the ``P`` candidates' tokens in one forward; the model must use the
-    ``"namm"`` attention backend (``register()``; a ``NAMMCache`` sets it)."""
+    ``"namm"`` attention backend (``register()``; a ``NAMMCache`` sets it). ``dtype``: the shared keys and
+    values as the forward reads them (None: as stored); a bf16 model needs them in bf16."""
 
-    def __init__(self, model, source, keeps):
+    def __init__(self, model, source, keeps, dtype: torch.dtype | None = None):
         name = _attention.register()
         if model.config._attn_implementation != name:
             model.set_attn_implementation(name)
@@ -250,5 +271,6 @@ class PopulationCache(Cache):
         for i, (src, keep) in enumerate(zip(source.layers, keeps)):
             if src.valid is not None or src.stored != src.seen:
                 raise ValueError("PopulationCache needs a source cache that kept every token it saw")
-            layers.append(PopulationLayer(i, src.keys, src.values, keep))
+            keys, values = (src.keys, src.values) if dtype is None else (src.keys.to(dtype), src.values.to(dtype))
+            layers.append(PopulationLayer(i, keys, values, keep))
         super().__init__(layers=layers)
