@@ -379,3 +379,26 @@ def test_batches_rejected(models):
     cache = build_policy({"name": "full"}).make_cache(model)
     with pytest.raises(CacheConfigError, match="one unpadded sequence"), torch.no_grad():
         model(input_ids=torch.zeros(2, 4, dtype=torch.long), past_key_values=cache)
+
+
+def test_a_dropped_cache_is_freed_at_once(models):
+    """A cache and its layers go when the last reference does, not at the cycle collector's next run: the layers
+    refer back to their cache weakly, so a loop of prefills (a prompt store fill, a training epoch) does not pile
+    up dead caches and their tensors."""
+    import gc
+    import weakref
+
+    model = models["llama"]
+    gc.collect()
+    gc.disable()
+    try:
+        for policy in (Probe(), small_namm(budget=0.5)):
+            cache = policy.make_cache(model)
+            prefill(model, cache, ids_of(70))
+            cache.end_prefill()
+            assert cache.layers[0].owner is cache
+            refs = [weakref.ref(cache), weakref.ref(cache.layers[0]), weakref.ref(cache.layers[0].keys)]
+            del cache
+            assert [r() is None for r in refs] == [True, True, True], policy.name
+    finally:
+        gc.enable()

@@ -15,6 +15,8 @@ lazily before the first single-token step under ``model.generate``).
 
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,7 +146,10 @@ class NAMMLayer(DynamicLayer):
         super().__init__()
         self.policy = policy
         self.layer_idx = layer_idx
-        self.owner = owner
+        # a weak reference: the cache holds its layers, so a strong one back would make every cache a reference
+        # cycle, freed only when Python's cycle collector next runs (tensors do not count towards running it:
+        # a loop of prefills could hold gigabytes of dead caches)
+        self._owner = None if owner is None else weakref.ref(owner)
         self.seen = 0  # tokens processed (logical length)
         self.last_update_seen = 0  # `seen` at the last policy update
         self.positions: torch.Tensor | None = None  # [B, Hkv, S] long
@@ -171,6 +176,11 @@ class NAMMLayer(DynamicLayer):
     @property
     def n_pending(self) -> int:
         return self.seen - self.last_update_seen
+
+    @property
+    def owner(self) -> "NAMMCache | None":
+        """The ``NAMMCache`` this layer belongs to (None: a layer on its own, or its cache is gone)."""
+        return None if self._owner is None else self._owner()
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -403,7 +413,7 @@ class NAMMCache(Cache):
         new = NAMMCache(model, policy)
         for src, dst in zip(self.layers, new.layers):
             for key, value in vars(src).items():
-                if key in ("policy", "owner", "layer_idx"):
+                if key in ("policy", "_owner", "layer_idx"):
                     continue
                 setattr(dst, key, list(value) if isinstance(value, list) else
                         dict(value) if isinstance(value, dict) else value)
