@@ -128,34 +128,41 @@ def _best_of(fn, repeats: int = 5) -> float:
     return best
 
 
-def machine_rates(rows: int, width: int, inner: int, tile_rows: int, tile_keys: int, sort_shape,
-                  dtype=None) -> dict:
-    """What this CPU reaches now: GEMM GFLOP/s at the answer forward's shape (``rows x width @ width x
-    inner``) and at the BAM tile's (``tile_rows x 32 @ 32 x tile_keys``), softmax elements/s on that tile, a
-    stable descending argsort's elements/s at the selection's ``sort_shape`` (a chunk's scores of one layer),
-    and memcpy GB/s (64 MiB, read + write). ``dtype``: the GEMMs' (default fp32); the softmax is timed in fp32,
-    which is what the fused attention kernels and the measure exponentiate in."""
+def gemm_rates(rows: int, width: int, inner: int, tile_rows: int, tile_keys: int, dtype=None) -> dict:
+    """GEMM GFLOP/s of ``dtype`` (default fp32) at the answer forward's shape (``rows x width @ width x inner``)
+    and at the BAM tile's (``tile_rows x 32 @ 32 x tile_keys``, the logits and the probabilities' product)."""
     import torch
 
     dtype = dtype or torch.float32
     a, w = torch.randn(rows, width, dtype=dtype), torch.randn(width, inner, dtype=dtype)
     q, k = torch.randn(tile_rows, 32, dtype=dtype), torch.randn(tile_keys, 32, dtype=dtype)
-    tile = torch.randn(tile_rows, tile_keys)   # fp32 whatever dtype: the fused kernels exponentiate in fp32
-    src = torch.randn(16 * 2 ** 20)
-    dst = torch.empty_like(src)
+    probs = torch.randn(tile_rows, tile_keys, dtype=dtype)
     t_lin = _best_of(lambda: a @ w)
     t_qk = _best_of(lambda: q @ k.T)
-    probs = tile.to(dtype)
     t_av = _best_of(lambda: probs @ k)
+    return {"linear_gflops": 2 * rows * width * inner / t_lin / 1e9,
+            "bam_tile_gflops": 2 * 2 * tile_rows * tile_keys * 32 / (t_qk + t_av) / 1e9,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def machine_rates(rows: int, width: int, inner: int, tile_rows: int, tile_keys: int, sort_shape) -> dict:
+    """What this CPU reaches now: fp32 ``gemm_rates``, softmax elements/s on the BAM tile (fp32: what the fused
+    attention kernels and the measure exponentiate in, whatever the GEMMs' dtype), a stable descending
+    argsort's elements/s at the selection's ``sort_shape`` (a chunk's scores of one layer), and memcpy GB/s
+    (64 MiB, read + write). A bf16 path's rates are these with ``gemm_rates(..., torch.bfloat16)`` over them."""
+    import torch
+
+    tile = torch.randn(tile_rows, tile_keys)
+    src = torch.randn(16 * 2 ** 20)
+    dst = torch.empty_like(src)
     t_sm = _best_of(lambda: torch.softmax(tile, -1))
     t_cp = _best_of(lambda: dst.copy_(src))
     scores = torch.randn(*sort_shape)
     t_sort = _best_of(lambda: torch.argsort(-scores, dim=-1, stable=True))
-    return {"linear_gflops": 2 * rows * width * inner / t_lin / 1e9,
-            "bam_tile_gflops": 2 * 2 * tile_rows * tile_keys * 32 / (t_qk + t_av) / 1e9,
+    return {**gemm_rates(rows, width, inner, tile_rows, tile_keys),
             "softmax_gelems": tile.numel() / t_sm / 1e9,
             "memcpy_gbs": 2 * src.numel() * 4 / t_cp / 1e9,
-            "argsort_gelems": scores.numel() / t_sort / 1e9, "dtype": str(dtype).removeprefix("torch."),
+            "argsort_gelems": scores.numel() / t_sort / 1e9,
             "shapes": {"linear": [rows, width, inner], "bam_tile": [tile_rows, 32, tile_keys],
                        "argsort": list(sort_shape)}}
 
@@ -234,13 +241,6 @@ EXPLAIN = {
 }
 
 
-def rank_correlation(a, b) -> float:
-    """Spearman's rho of two fitness vectors (ranks by argsort; ties, which fitness values hardly have, broken
-    by order)."""
-    ra, rb = (np.argsort(np.argsort(np.asarray(x))) for x in (a, b))
-    return float(np.corrcoef(ra, rb)[0, 1]) if len(ra) > 1 else 1.0
-
-
 def bench_agreement(model_spec: str, out: str, prompts: int, population: int, ref_population: int,
                     context_length: int, tasks: list[str], seed: int, max_answer_tokens: int, pop_chunk: int,
                     budget: float, mlp: bool, bf16: bool = True) -> dict:
@@ -248,6 +248,7 @@ def bench_agreement(model_spec: str, out: str, prompts: int, population: int, re
 
     from experiments.fitness.agreement import AgreementFitness
     from experiments.lib.models import load_model
+    from experiments.studies.fitness_correlation import spearman
     from experiments.tasks import build_prompts, load_task
     from namm.config import NAMMConfig, ScorerConfig
     from namm.shards import atomic_write_json
@@ -319,7 +320,7 @@ def bench_agreement(model_spec: str, out: str, prompts: int, population: int, re
                 **r_low, "speedup": r_low["candidate_evals_per_s"] / ref_rate,
                 "max_fitness_diff_vs_fp32": float(np.abs(f_low - f_bat).max()),
                 "mean_fitness_diff_vs_fp32": float(np.abs(f_low - f_bat).mean()),
-                "rank_correlation_vs_fp32": rank_correlation(f_low, f_bat),
+                "rank_correlation_vs_fp32": spearman(f_low, f_bat)["rho"],
                 "best_fp32_rank_in_bf16": int(np.argsort(np.argsort(-f_low))[int(np.argmax(f_bat))]) + 1}
     shapes = [{"S": len(shared_src._split(i)[0]), "n": int(shared_src._shared[i].tail.shape[1]),
                "m": int(shared_src._shared[i].p_full.shape[0])} for i in items]
@@ -328,7 +329,7 @@ def bench_agreement(model_spec: str, out: str, prompts: int, population: int, re
     shape_args = (pop_chunk * max(p["n"] for p in shapes), c.hidden_size, c.intermediate_size, 16 * pop_chunk,
                   mean_s // 2, (pop_chunk, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, mean_s))
     rates = machine_rates(*shape_args)
-    rates_bf16 = machine_rates(*shape_args, dtype=torch.bfloat16) if bf16 else None
+    rates_bf16 = {**rates, **gemm_rates(*shape_args[:5], dtype=torch.bfloat16)} if bf16 else None
     tables = {}
     for name, cfg in cfgs.items():
         work = stage_work(model, cfg, shapes, population)
@@ -351,12 +352,16 @@ def bench_agreement(model_spec: str, out: str, prompts: int, population: int, re
     return out_d
 
 
+def _fmt(rho) -> str:
+    return "n/a (under 3 candidates or constant)" if rho is None else f"{rho:.3f}"
+
+
 def print_agreement(r: dict) -> None:
     rates = r["rates"]
     if r.get("rates_bf16"):
         b = r["rates_bf16"]
         print(f"machine, bf16: GEMM {b['linear_gflops']:.1f} GFLOP/s at {b['shapes']['linear']}, "
-              f"{b['bam_tile_gflops']:.1f} GFLOP/s at the BAM tile, softmax {b['softmax_gelems']:.2f} G elements/s")
+              f"{b['bam_tile_gflops']:.1f} GFLOP/s at the BAM tile")
     print(f"machine: fp32 GEMM {rates['linear_gflops']:.1f} GFLOP/s at {rates['shapes']['linear']}, "
           f"{rates['bam_tile_gflops']:.1f} GFLOP/s at the BAM tile {rates['shapes']['bam_tile']}, softmax "
           f"{rates['softmax_gelems']:.2f} G elements/s, stable argsort {rates['argsort_gelems'] * 1e3:.0f} M "
@@ -374,7 +379,7 @@ def print_agreement(r: dict) -> None:
             print(f"{name}, bf16: batched {b['candidate_evals_per_s']:.3f} candidates/s, {b['speedup']:.2f}x the "
                   f"fp32 unbatched; against the fp32 batched fitness of all {r['population']} candidates: max "
                   f"|difference| {b['max_fitness_diff_vs_fp32']:.2e}, mean {b['mean_fitness_diff_vs_fp32']:.2e}, "
-                  f"Spearman {b['rank_correlation_vs_fp32']:.3f}, fp32's best ranked {b['best_fp32_rank_in_bf16']}")
+                  f"Spearman {_fmt(b['rank_correlation_vs_fp32'])}, fp32's best ranked {b['best_fp32_rank_in_bf16']}")
     for name, rows in r["profile"].items():
         print(f"\nprofile ({name.split('_')[0]} scorer{', bf16' if name.endswith('_bf16') else ''}, batched run; per-candidate stages over all {r['population']} candidates)")
         print(f"{'stage':<15}{'seconds':>9}{'GFLOP':>9}{'G exp':>8}{'M sort':>8}{'GB':>7}{'floor s':>9}"
